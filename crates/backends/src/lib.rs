@@ -1,0 +1,12 @@
+//! candle implementations of the engine's capability traits. This is the only crate that links candle:
+//! it reads model directories (HF `config.json`, safetensors, sentence-transformers files), picks the
+//! device and dtype, and runs forward passes. It knows nothing of queues or HTTP.
+
+pub mod bert_family;
+pub mod device;
+pub mod error;
+pub mod model_dir;
+
+pub use bert_family::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, LoadedEncoder};
+pub use error::BackendError;
+pub use model_dir::{Architecture, Head, ModelDir, SentenceTransformers};

@@ -1,0 +1,248 @@
+//! Reading a model directory in the Hugging Face layout: which architecture and head the weights
+//! hold, their sizes, and the sentence-transformers settings (pooling, normalisation, max length).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use hearth_engine::Pooling;
+use serde::Deserialize;
+
+use crate::error::BackendError;
+
+/// Encoder architectures this crate can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Architecture {
+    Bert,
+    /// XLM-RoBERTa and RoBERTa (positions offset past the padding id).
+    XlmRoberta,
+}
+
+impl Architecture {
+    pub const NAMES: &'static str = "`bert`, `xlm-roberta`";
+
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "bert" => Some(Self::Bert),
+            "xlm-roberta" | "roberta" => Some(Self::XlmRoberta),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Architecture {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::from_model_type(s)
+            .ok_or_else(|| format!("unknown architecture `{s}`, expected one of {}", Self::NAMES))
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bert => "bert",
+            Self::XlmRoberta => "xlm-roberta",
+        })
+    }
+}
+
+/// What sits on top of the encoder in the checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// A bare encoder (sentence embedders).
+    None,
+    /// `*ForSequenceClassification`: a cross-encoder scoring `num_labels` classes.
+    SequenceClassification { num_labels: usize },
+}
+
+/// Settings from `modules.json`, the pooling module's `config.json` and `sentence_bert_config.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SentenceTransformers {
+    /// `None` when there is no pooling module.
+    pub pooling: Option<Result<Pooling, String>>,
+    pub normalize: bool,
+    pub max_seq_length: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Weights {
+    Safetensors(Vec<PathBuf>),
+    PyTorch(PathBuf),
+}
+
+/// A model directory, inspected.
+#[derive(Clone, Debug)]
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub architecture: Architecture,
+    pub head: Head,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub pad_token_id: u32,
+    /// Longest input the position table allows.
+    pub max_positions: usize,
+    pub sentence_transformers: Option<SentenceTransformers>,
+    pub weights: Weights,
+    pub tokenizer: PathBuf,
+    pub(crate) config_json: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: usize,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    pad_token_id: Option<u32>,
+    num_labels: Option<usize>,
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+struct StModule {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct StPooling {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+}
+
+#[derive(Deserialize)]
+struct StModelConfig {
+    max_seq_length: Option<usize>,
+}
+
+pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, BackendError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| BackendError::Io { path: path.to_owned(), source })?;
+    serde_json::from_str(&text).map_err(|source| BackendError::Json { path: path.to_owned(), source })
+}
+
+impl ModelDir {
+    pub fn inspect(path: &Path) -> Result<Self, BackendError> {
+        let missing = |what: &str| BackendError::Missing { dir: path.to_owned(), what: what.into() };
+        let config_json = path.join("config.json");
+        if !config_json.is_file() {
+            return Err(missing("config.json"));
+        }
+        let config: HfConfig = read_json(&config_json)?;
+        let model_type = config.model_type.as_deref().unwrap_or("");
+        let architecture = Architecture::from_model_type(model_type).ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "{}: model_type `{model_type}` is not supported; supported: {}",
+                config_json.display(),
+                Architecture::NAMES
+            ))
+        })?;
+        let head = if config.architectures.iter().any(|a| a.ends_with("ForSequenceClassification")) {
+            let num_labels = config.id2label.as_ref().map(|m| m.len()).or(config.num_labels).unwrap_or(2);
+            Head::SequenceClassification { num_labels }
+        } else {
+            Head::None
+        };
+        let pad_token_id = config.pad_token_id.unwrap_or(match architecture {
+            Architecture::Bert => 0,
+            Architecture::XlmRoberta => 1,
+        });
+        let max_positions = match architecture {
+            Architecture::Bert => config.max_position_embeddings,
+            // Position ids start after the padding id.
+            Architecture::XlmRoberta => {
+                config.max_position_embeddings.saturating_sub(pad_token_id as usize + 1)
+            }
+        };
+        let tokenizer = path.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(missing("tokenizer.json"));
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            architecture,
+            head,
+            hidden_size: config.hidden_size,
+            vocab_size: config.vocab_size,
+            pad_token_id,
+            max_positions,
+            sentence_transformers: read_sentence_transformers(path)?,
+            weights: find_weights(path).ok_or_else(|| missing("model.safetensors or pytorch_model.bin"))?,
+            tokenizer,
+            config_json,
+        })
+    }
+}
+
+fn find_weights(dir: &Path) -> Option<Weights> {
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    if !shards.is_empty() {
+        shards.sort();
+        return Some(Weights::Safetensors(shards));
+    }
+    let pytorch = dir.join("pytorch_model.bin");
+    pytorch.is_file().then_some(Weights::PyTorch(pytorch))
+}
+
+fn read_sentence_transformers(dir: &Path) -> Result<Option<SentenceTransformers>, BackendError> {
+    let modules_path = dir.join("modules.json");
+    if !modules_path.is_file() {
+        return Ok(None);
+    }
+    let modules: Vec<StModule> = read_json(&modules_path)?;
+    let mut st = SentenceTransformers::default();
+    for module in &modules {
+        match module.kind.rsplit('.').next().unwrap_or("") {
+            "Pooling" => {
+                let pooling_path = dir.join(&module.path).join("config.json");
+                let pooling: StPooling = read_json(&pooling_path)?;
+                st.pooling = Some(pooling_mode(&pooling));
+            }
+            "Normalize" => st.normalize = true,
+            _ => {}
+        }
+    }
+    let bert_config = dir.join("sentence_bert_config.json");
+    if bert_config.is_file() {
+        st.max_seq_length = read_json::<StModelConfig>(&bert_config)?.max_seq_length;
+    }
+    Ok(Some(st))
+}
+
+fn pooling_mode(p: &StPooling) -> Result<Pooling, String> {
+    let modes = [
+        (p.pooling_mode_cls_token, Ok(Pooling::Cls)),
+        (p.pooling_mode_mean_tokens, Ok(Pooling::Mean)),
+        (p.pooling_mode_lasttoken, Ok(Pooling::LastToken)),
+        (p.pooling_mode_max_tokens, Err("max")),
+        (p.pooling_mode_mean_sqrt_len_tokens, Err("mean-sqrt-len")),
+        (p.pooling_mode_weightedmean_tokens, Err("weighted-mean")),
+    ];
+    let chosen: Vec<_> = modes.iter().filter(|(on, _)| *on).map(|(_, mode)| *mode).collect();
+    match chosen.as_slice() {
+        [Ok(pooling)] => Ok(*pooling),
+        [Err(name)] => Err(format!("pooling mode `{name}` is not supported")),
+        [] => Err("the pooling config enables no pooling mode".into()),
+        _ => Err("the pooling config combines several modes, which is not supported".into()),
+    }
+}

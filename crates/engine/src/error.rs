@@ -1,0 +1,96 @@
+//! The engine's one error type. The HTTP layer maps each variant to a status and an OpenAI-shaped body.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Errors that model implementations return across the capability traits.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Which part of a request an input-level error is about; named in messages and mapped to `param`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// `input[i]` of an embeddings request.
+    Input(usize),
+    /// The query of a rerank request.
+    Query,
+    /// `documents[i]` of a rerank request.
+    Document(usize),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Input(i) => write!(f, "input[{i}]"),
+            Self::Query => f.write_str("query"),
+            Self::Document(i) => write!(f, "documents[{i}]"),
+        }
+    }
+}
+
+/// Why a model refused new work at once instead of queueing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// Its queue holds `queue_depth` requests already.
+    QueueFull { queue_depth: usize },
+    /// It has `max_concurrent_requests` requests in flight already.
+    TooManyConcurrent { max_concurrent_requests: usize },
+}
+
+impl fmt::Display for Overload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::QueueFull { queue_depth } => {
+                write!(f, "its queue is full ({queue_depth} requests waiting)")
+            }
+            Self::TooManyConcurrent { max_concurrent_requests } => {
+                write!(f, "it is serving its limit of {max_concurrent_requests} concurrent requests")
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model `{model}` is overloaded: {reason}; retry later")]
+    Overloaded { model: Arc<str>, reason: Overload },
+
+    #[error("{subject} is empty")]
+    EmptyInput { subject: Subject },
+
+    #[error("{subject} has {n_tokens} tokens, more than the model's limit of {max_tokens}")]
+    InputTooLong { subject: Subject, n_tokens: usize, max_tokens: usize },
+
+    #[error("{subject} contains token id {token_id}, outside the model's vocabulary of {vocab_size}")]
+    TokenOutOfRange { subject: Subject, token_id: u64, vocab_size: usize },
+
+    #[error("the request has {count} {what}, more than this model's limit of {max}")]
+    TooManyInputs { what: &'static str, count: usize, max: usize },
+
+    #[error("`dimensions` must be between 1 and the model's {model_dims} dimensions, got {requested}")]
+    InvalidDimensions { requested: usize, model_dims: usize },
+
+    #[error("could not tokenize {subject}: {message}")]
+    Tokenize { subject: Subject, message: String },
+
+    /// The model failed while running a batch. The message is for logs, not for clients.
+    #[error("model `{model}` failed: {message}")]
+    Backend { model: Arc<str>, message: String },
+
+    #[error("model `{model}` is shutting down")]
+    ShuttingDown { model: Arc<str> },
+}
+
+impl EngineError {
+    /// True when the client's request itself is at fault (HTTP 4xx rather than 5xx/429).
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Self::EmptyInput { .. }
+                | Self::InputTooLong { .. }
+                | Self::TokenOutOfRange { .. }
+                | Self::TooManyInputs { .. }
+                | Self::InvalidDimensions { .. }
+                | Self::Tokenize { .. }
+        )
+    }
+}

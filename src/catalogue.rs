@@ -1,0 +1,147 @@
+//! The model catalogue: presets from `models/*.toml`, compiled into the binary so a deployed Hearth
+//! knows them without the source tree. A preset names a source, its files, kind, architecture and
+//! default options, so a config entry can say `preset = "bge-small-en-v1.5"` and nothing more.
+
+use std::sync::LazyLock;
+
+use hearth_engine::ModelKind;
+use serde::Deserialize;
+
+use crate::config::{RawOptions, StrictOptions};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPreset {
+    name: String,
+    kind: ModelKind,
+    description: String,
+    license: String,
+    source: String,
+    files: Vec<String>,
+    architecture: String,
+    size_mb: u32,
+    offline: Option<String>,
+    defaults: Option<StrictOptions>,
+}
+
+#[derive(Debug)]
+pub struct Preset {
+    pub name: String,
+    pub kind: ModelKind,
+    pub description: String,
+    pub license: String,
+    /// `hf:org/name[@revision]`.
+    pub source: String,
+    /// File patterns to fetch from the source.
+    pub files: Vec<String>,
+    pub architecture: String,
+    pub size_mb: u32,
+    /// The `scripts/fetch-models` entry that installs these weights without the hub, if any.
+    pub offline: Option<String>,
+    pub defaults: RawOptions,
+}
+
+/// Every file in `models/`; a test checks that none is missing from this list.
+const PRESET_FILES: &[(&str, &str)] = &[
+    ("all-minilm-l6-v2.toml", include_str!("../models/all-minilm-l6-v2.toml")),
+    ("bge-small-en-v1.5.toml", include_str!("../models/bge-small-en-v1.5.toml")),
+    ("bge-base-en-v1.5.toml", include_str!("../models/bge-base-en-v1.5.toml")),
+    ("bge-large-en-v1.5.toml", include_str!("../models/bge-large-en-v1.5.toml")),
+    ("bge-m3.toml", include_str!("../models/bge-m3.toml")),
+    ("bge-reranker-base.toml", include_str!("../models/bge-reranker-base.toml")),
+    ("bge-reranker-v2-m3.toml", include_str!("../models/bge-reranker-v2-m3.toml")),
+    ("ms-marco-minilm-l6-v2.toml", include_str!("../models/ms-marco-minilm-l6-v2.toml")),
+];
+
+fn parse(file: &str, text: &str) -> Result<Preset, String> {
+    let raw: RawPreset = toml::from_str(text).map_err(|e| format!("models/{file}: {e}"))?;
+    let defaults = raw.defaults.map_or(Ok(RawOptions::default()), |d| match d.unknown.keys().next() {
+        Some(key) => Err(format!("models/{file}: unknown key `{key}` in [defaults]")),
+        None => Ok(d.options),
+    })?;
+    if format!("{}.toml", raw.name) != file {
+        return Err(format!("models/{file}: `name` must match the file name"));
+    }
+    Ok(Preset {
+        name: raw.name,
+        kind: raw.kind,
+        description: raw.description,
+        license: raw.license,
+        source: raw.source,
+        files: raw.files,
+        architecture: raw.architecture,
+        size_mb: raw.size_mb,
+        offline: raw.offline,
+        defaults,
+    })
+}
+
+static CATALOGUE: LazyLock<Vec<Preset>> = LazyLock::new(|| {
+    PRESET_FILES
+        .iter()
+        .map(|(file, text)| parse(file, text))
+        .collect::<Result<_, _>>()
+        // The presets are compiled in and checked by the tests below: failing here is a build defect.
+        .unwrap_or_else(|e| panic!("built-in model catalogue is invalid: {e}"))
+});
+
+pub fn all() -> &'static [Preset] {
+    &CATALOGUE
+}
+
+pub fn find(name: &str) -> Option<&'static Preset> {
+    CATALOGUE.iter().find(|p| p.name == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    CATALOGUE.iter().map(|p| p.name.as_str()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{parse_source, Overrides};
+
+    #[test]
+    fn every_preset_parses_and_is_valid_in_a_config() {
+        for (file, text) in PRESET_FILES {
+            let preset = parse(file, text).unwrap();
+            parse_source(&preset.source, Some(preset.files.clone()), Path::new("/m")).unwrap();
+            preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
+            let config = format!("[[models]]\nid = \"x\"\npreset = \"{}\"\n", preset.name);
+            crate::config::Config::parse(&config, None, &Overrides::default())
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
+    #[test]
+    fn every_file_in_models_dir_is_compiled_in() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".toml"))
+            .collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = PRESET_FILES.iter().map(|(f, _)| f.to_string()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed);
+    }
+
+    #[test]
+    fn the_issue_named_presets_exist() {
+        for name in [
+            "all-minilm-l6-v2",
+            "bge-small-en-v1.5",
+            "bge-base-en-v1.5",
+            "bge-large-en-v1.5",
+            "bge-m3",
+            "bge-reranker-base",
+            "bge-reranker-v2-m3",
+        ] {
+            assert!(find(name).is_some(), "{name}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The command line. Every flag can also be set through a `HEARTH_…` environment variable.
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::catalogue;
+use crate::config::{self, Config, LogFormat, ModelSource, Overrides};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(name = "hearth", version, about = "One binary serving OpenAI-compatible AI APIs from local models")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the configured models and serve the HTTP API.
+    Serve(ServeArgs),
+    /// Validate a config file and print the models it would serve.
+    Check(ConfigArgs),
+    /// Manage the model store.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "HEARTH_CONFIG", default_value = "config/hearth.toml")]
+    config: PathBuf,
+    /// Where models are stored [default: $XDG_CACHE_HOME/hearth/models].
+    #[arg(long, env = "HEARTH_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Address to listen on [default: from the config, else 127.0.0.1].
+    #[arg(long, env = "HEARTH_HOST")]
+    host: Option<String>,
+    /// Port to listen on [default: from the config, else 8080].
+    #[arg(long, short, env = "HEARTH_PORT")]
+    port: Option<u16>,
+    /// Log format [default: from the config, else text].
+    #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `hearth=debug,tower_http=debug` [default: from the config, else info].
+    #[arg(long, env = "HEARTH_LOG")]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// List the catalogue presets and what is in the model store.
+    List {
+        #[arg(long, env = "HEARTH_MODELS_DIR")]
+        models_dir: Option<PathBuf>,
+    },
+    /// Download a preset or `hf:org/name[@revision]` from the Hugging Face hub, or copy a local
+    /// model directory into the store.
+    Pull {
+        /// A preset name, `hf:org/name[@revision]`, or a directory.
+        name: String,
+        /// Store name for a copied directory [default: the directory's name].
+        #[arg(long = "as")]
+        store_name: Option<String>,
+        /// Replace an existing copy.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, env = "HEARTH_MODELS_DIR")]
+        models_dir: Option<PathBuf>,
+    },
+}
+
+/// Parses the command line, runs the command, and maps failures to exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Check(args) => check(args),
+        Command::Models { command } => run_async(models(command)),
+    }
+}
+
+fn load_config(args: &ConfigArgs, overrides: Overrides) -> Result<Config, ExitCode> {
+    let overrides = Overrides { models_dir: args.models_dir.clone(), ..overrides };
+    Config::load(&args.config, &overrides).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        host: args.host.clone(),
+        port: args.port,
+        models_dir: None,
+        log_format: args.log_format,
+        log_level: args.log_level.clone(),
+    };
+    let config = match load_config(&args.config, overrides) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(e) = crate::telemetry::init_logging(&config.logging) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    tracing::info!(config = %args.config.config.display(), version = env!("CARGO_PKG_VERSION"), "starting hearth");
+    run_async(crate::server::serve(config))
+}
+
+fn check(args: ConfigArgs) -> ExitCode {
+    let config = match load_config(&args, Overrides::default()) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    println!("{}: ok", args.config.display());
+    println!(
+        "listen {}:{}; models dir {}",
+        config.server.host,
+        config.server.port,
+        config.models_dir.display()
+    );
+    for model in &config.models {
+        println!("  {:<28} {:<10} {}", model.id, model.kind.as_str(), model.source);
+    }
+    ExitCode::SUCCESS
+}
+
+fn run_async(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            tracing::error!(error = %format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn models(command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::List { models_dir } => {
+            let store = Store::new(models_dir.unwrap_or_else(config::default_models_dir));
+            list_models(&store)
+        }
+        ModelsCommand::Pull { name, store_name, force, models_dir } => {
+            let store = Store::new(models_dir.unwrap_or_else(config::default_models_dir));
+            let dir = pull(&store, &name, store_name, force).await?;
+            println!("{name} -> {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn list_models(store: &Store) -> anyhow::Result<()> {
+    println!("model store: {}", store.root().display());
+    println!("{:<24} {:<10} {:>8}  {:<10} SOURCE", "PRESET", "KIND", "SIZE", "STATE");
+    for preset in catalogue::all() {
+        let state = match config::parse_source(&preset.source, Some(preset.files.clone()), store.root()) {
+            Ok(ModelSource::Hub { repo, revision, .. }) if store.pulled(&repo, &revision).is_some() => {
+                "pulled"
+            }
+            _ if store.root().join(&preset.name).is_dir() => "local",
+            _ => "-",
+        };
+        println!(
+            "{:<24} {:<10} {:>6}MB  {:<10} {}",
+            preset.name,
+            preset.kind.as_str(),
+            preset.size_mb,
+            state,
+            preset.source
+        );
+    }
+    let mut others: Vec<String> = match std::fs::read_dir(store.root()) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != "hub" && !name.starts_with('.') && catalogue::find(name).is_none())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    others.sort();
+    if !others.is_empty() {
+        println!("\nother directories in the store (use `source = \"NAME\"`):");
+        for name in others {
+            println!("  {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn pull(store: &Store, name: &str, store_name: Option<String>, force: bool) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(name);
+    if path.is_dir() {
+        let store_name = match store_name {
+            Some(n) => n,
+            None => path
+                .canonicalize()?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .context("cannot name the directory; pass --as NAME")?,
+        };
+        if let Ok(dir) = hearth_backends::ModelDir::inspect(&path) {
+            println!("{}: {} model ({:?})", path.display(), dir.architecture, dir.head);
+        }
+        return store.import_dir(&path, &store_name, force);
+    }
+    let (source_text, files) = match catalogue::find(name) {
+        Some(preset) => (preset.source.clone(), Some(preset.files.clone())),
+        None if name.starts_with("hf:") => (name.to_string(), None),
+        None => anyhow::bail!(
+            "`{name}` is not a preset, an `hf:org/name` source or a directory; presets: {}",
+            catalogue::names().join(", ")
+        ),
+    };
+    match config::parse_source(&source_text, files, store.root()).map_err(|e| anyhow::anyhow!(e))? {
+        ModelSource::Hub { repo, revision, files } => store.pull_hub(&repo, &revision, &files).await,
+        ModelSource::Local(dir) => Ok(dir),
+    }
+}

@@ -1,0 +1,205 @@
+//! The one API error type. Every failure a client can see is a variant here; [`ApiError::status`]
+//! is the single table from variant to HTTP status, and the body is always OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}`. Internal causes are logged, not returned.
+
+use std::sync::Arc;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hearth_engine::{EngineError, ModelKind, Subject};
+use serde::Serialize;
+
+/// Seconds a client should wait after a 429 before retrying.
+const RETRY_AFTER_SECONDS: u64 = 1;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// The request is malformed or breaks a limit (400).
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// A body that is not JSON (415).
+    UnsupportedMediaType {
+        content_type: String,
+    },
+    /// The body is larger than `server.max_request_body_bytes` (413).
+    PayloadTooLarge {
+        limit: usize,
+    },
+    UnknownRoute {
+        method: String,
+        path: String,
+    },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+    },
+    ModelNotFound {
+        model: String,
+    },
+    /// The model exists but serves another endpoint.
+    WrongModelKind {
+        model: Arc<str>,
+        kind: ModelKind,
+        expected: ModelKind,
+    },
+    /// The model is still loading, or failed to load.
+    ModelNotReady {
+        model: Arc<str>,
+        failed: bool,
+    },
+    Overloaded {
+        message: String,
+    },
+    ShuttingDown,
+    /// Anything else; `cause` goes to the log only.
+    Internal {
+        cause: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<String>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<String>) -> Self {
+        Self::InvalidRequest { message: message.into(), param: Some(param.into()) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } | Self::WrongModelKind { .. } => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::ModelNotReady { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status() {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            status if status.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest { .. } | Self::UnsupportedMediaType { .. } => None,
+            Self::PayloadTooLarge { .. } => Some("request_too_large"),
+            Self::UnknownRoute { .. } => Some("unknown_url"),
+            Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
+            Self::ModelNotFound { .. } => Some("model_not_found"),
+            Self::WrongModelKind { .. } => Some("model_kind_mismatch"),
+            Self::ModelNotReady { failed: false, .. } => Some("model_loading"),
+            Self::ModelNotReady { failed: true, .. } => Some("model_failed"),
+            Self::Overloaded { .. } => Some("model_overloaded"),
+            Self::ShuttingDown => Some("shutting_down"),
+            Self::Internal { .. } => Some("internal_error"),
+        }
+    }
+
+    fn param(&self) -> Option<String> {
+        match self {
+            Self::InvalidRequest { param, .. } => param.clone(),
+            Self::ModelNotFound { .. } | Self::WrongModelKind { .. } => Some("model".into()),
+            _ => None,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::InvalidRequest { message, .. } | Self::Overloaded { message } => message.clone(),
+            Self::UnsupportedMediaType { content_type } => {
+                format!("Content-Type `{content_type}` is not supported; send `application/json`")
+            }
+            Self::PayloadTooLarge { limit } => {
+                format!("The request body is larger than this server's limit of {limit} bytes")
+            }
+            Self::UnknownRoute { method, path } => format!("Invalid URL ({method} {path})"),
+            Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on {path}"),
+            Self::ModelNotFound { model } => format!("The model `{model}` does not exist"),
+            Self::WrongModelKind { model, kind, expected } => {
+                format!("The model `{model}` is a `{kind}` model; this endpoint needs a `{expected}` model")
+            }
+            Self::ModelNotReady { model, failed: false } => {
+                format!("The model `{model}` is still loading; retry shortly")
+            }
+            Self::ModelNotReady { model, failed: true } => {
+                format!("The model `{model}` failed to load; see the server log")
+            }
+            Self::ShuttingDown => "The server is shutting down".into(),
+            Self::Internal { .. } => "The server had an error while processing your request".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Internal { cause } = &self {
+            tracing::error!(%cause, "internal error");
+        }
+        let body = Body {
+            error: Detail {
+                message: self.message(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self, Self::ModelNotReady { failed: false, .. })
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+fn subject_param(subject: Subject) -> String {
+    match subject {
+        Subject::Input(_) => "input".into(),
+        Subject::Query => "query".into(),
+        Subject::Document(_) => "documents".into(),
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(err: EngineError) -> Self {
+        let message = err.to_string();
+        match err {
+            EngineError::EmptyInput { subject }
+            | EngineError::InputTooLong { subject, .. }
+            | EngineError::TokenOutOfRange { subject, .. }
+            | EngineError::Tokenize { subject, .. } => {
+                Self::InvalidRequest { message, param: Some(subject_param(subject)) }
+            }
+            EngineError::TooManyInputs { what, .. } => Self::InvalidRequest {
+                message,
+                param: Some(if what == "documents" { "documents" } else { "input" }.into()),
+            },
+            EngineError::InvalidDimensions { .. } => Self::invalid(message, "dimensions"),
+            EngineError::Overloaded { .. } => Self::Overloaded { message },
+            EngineError::ShuttingDown { .. } => Self::ShuttingDown,
+            EngineError::Backend { .. } => Self::Internal { cause: message },
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The HTTP API: one module per endpoint family, assembled into one router with request ids,
+//! tracing, per-route metrics, CORS, a body limit and OpenAI-shaped errors for everything.
+
+pub mod embeddings;
+pub mod error;
+pub mod health;
+pub mod json;
+pub mod models;
+pub mod rerank;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hearth_engine::registry::{LoadState, ModelEntry, Served};
+use hearth_engine::ModelKind;
+use serde::Serialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use self::error::ApiError;
+use self::json::BodyLimit;
+use crate::server::AppState;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// The served model a response is about; read by the metrics middleware for its `model` label.
+/// Only configured ids are ever set, so clients cannot inflate label cardinality.
+#[derive(Clone)]
+struct ModelLabel(Arc<str>);
+
+/// Finds `id`, checks it serves `expected`, and returns it if loaded.
+pub fn ready_model(
+    state: &AppState,
+    id: &str,
+    expected: ModelKind,
+) -> Result<(Arc<ModelEntry>, Arc<Served>), ApiError> {
+    let entry = state.registry.get(id).ok_or_else(|| ApiError::ModelNotFound { model: id.into() })?;
+    if entry.kind != expected {
+        return Err(ApiError::WrongModelKind { model: Arc::clone(&entry.id), kind: entry.kind, expected });
+    }
+    match entry.state() {
+        LoadState::Ready(served) => Ok((Arc::clone(entry), served)),
+        LoadState::Loading => Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: false }),
+        LoadState::Failed(_) => Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: true }),
+    }
+}
+
+/// A handler's result as a response tagged with the model it concerned.
+pub fn labelled(model: &Arc<str>, result: Result<impl IntoResponse, ApiError>) -> Response {
+    let mut response = result.into_response();
+    response.extensions_mut().insert(ModelLabel(Arc::clone(model)));
+    response
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.server.max_request_body_bytes;
+    let cors = cors_layer(&state.config.server.cors_allowed_origins);
+    let routes = Router::new()
+        .route("/v1/embeddings", post(embeddings::create))
+        .route("/v1/rerank", post(rerank::create))
+        .route("/rerank", post(rerank::create))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::retrieve))
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .route("/metrics", get(health::metrics))
+        .route_layer(middleware::from_fn(track))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::Extension(BodyLimit(body_limit)))
+        .with_state(state);
+    let traced = routes
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request
+                .extensions()
+                .get::<RequestId>()
+                .and_then(|id| id.header_value().to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
+    match cors {
+        Some(cors) => traced.layer(cors),
+        None => traced,
+    }
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([axum::http::header::CONTENT_TYPE, axum::http::header::AUTHORIZATION])
+            .expose_headers([REQUEST_ID]),
+    )
+}
+
+/// Counts and times every routed request by route, model and status.
+async fn track(path: MatchedPath, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let model = response.extensions().get::<ModelLabel>().map(|m| m.0.to_string()).unwrap_or_default();
+    let labels = [
+        ("route", path.as_str().to_owned()),
+        ("model", model),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("hearth_http_requests_total", &labels).increment(1);
+    metrics::histogram!("hearth_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Response {
+    metrics::counter!("hearth_http_requests_total", "route" => "unmatched", "model" => "", "status" => "404")
+        .increment(1);
+    ApiError::UnknownRoute { method: method.to_string(), path: uri.path().to_owned() }.into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }.into_response()
+}
