@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use hearth_engine::ModelKind;
 use serde::Deserialize;
 
-use crate::config::{RawOptions, StrictOptions};
+use crate::config::RawModel;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,7 +21,8 @@ struct RawPreset {
     architecture: String,
     size_mb: u32,
     offline: Option<String>,
-    defaults: Option<StrictOptions>,
+    #[serde(default)]
+    defaults: RawModel,
 }
 
 #[derive(Debug)]
@@ -38,7 +39,7 @@ pub struct Preset {
     pub size_mb: u32,
     /// The `scripts/fetch-models` entry that installs these weights without the hub, if any.
     pub offline: Option<String>,
-    pub defaults: RawOptions,
+    pub defaults: RawModel,
 }
 
 /// Every file in `models/`; a test checks that none is missing from this list.
@@ -55,10 +56,9 @@ const PRESET_FILES: &[(&str, &str)] = &[
 
 fn parse(file: &str, text: &str) -> Result<Preset, String> {
     let raw: RawPreset = toml::from_str(text).map_err(|e| format!("models/{file}: {e}"))?;
-    let defaults = raw.defaults.map_or(Ok(RawOptions::default()), |d| match d.unknown.keys().next() {
-        Some(key) => Err(format!("models/{file}: unknown key `{key}` in [defaults]")),
-        None => Ok(d.options),
-    })?;
+    if !raw.defaults.only_options() {
+        return Err(format!("models/{file}: [defaults] may only set options, not identity or source"));
+    }
     if format!("{}.toml", raw.name) != file {
         return Err(format!("models/{file}: `name` must match the file name"));
     }
@@ -72,7 +72,7 @@ fn parse(file: &str, text: &str) -> Result<Preset, String> {
         architecture: raw.architecture,
         size_mb: raw.size_mb,
         offline: raw.offline,
-        defaults,
+        defaults: raw.defaults,
     })
 }
 

@@ -63,6 +63,7 @@ struct ServeArgs {
 enum ModelsCommand {
     /// List the catalogue presets and what is in the model store.
     List {
+        /// Where models are stored [default: $XDG_CACHE_HOME/hearth/models].
         #[arg(long, env = "HEARTH_MODELS_DIR")]
         models_dir: Option<PathBuf>,
     },
@@ -72,11 +73,12 @@ enum ModelsCommand {
         /// A preset name, `hf:org/name[@revision]`, or a directory.
         name: String,
         /// Store name for a copied directory [default: the directory's name].
-        #[arg(long = "as")]
+        #[arg(long = "as", env = "HEARTH_PULL_AS")]
         store_name: Option<String>,
         /// Replace an existing copy.
-        #[arg(long)]
+        #[arg(long, env = "HEARTH_PULL_FORCE")]
         force: bool,
+        /// Where models are stored [default: $XDG_CACHE_HOME/hearth/models].
         #[arg(long, env = "HEARTH_MODELS_DIR")]
         models_dir: Option<PathBuf>,
     },
@@ -235,6 +237,9 @@ async fn pull(store: &Store, name: &str, store_name: Option<String>, force: bool
         ),
     };
     match config::parse_source(&source_text, files, store.root()).map_err(|e| anyhow::anyhow!(e))? {
+        ModelSource::Hub { repo, revision, .. } if !crate::store::downloads_allowed() => {
+            anyhow::bail!("cannot pull hf:{repo}@{revision}: downloads are off (HF_HUB_OFFLINE is set)")
+        }
         ModelSource::Hub { repo, revision, files } => store.pull_hub(&repo, &revision, &files).await,
         ModelSource::Local(dir) => Ok(dir),
     }

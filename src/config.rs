@@ -2,7 +2,7 @@
 //! are errors), then validated into a typed [`Config`] the rest of the program trusts. Every error
 //! names the file and the field, and says what is allowed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,24 +75,16 @@ struct RawLogging {
     level: Option<String>,
 }
 
-/// One `[[models]]` entry: identity and source, then options (shared with presets' `[defaults]`).
-#[derive(Debug, Deserialize)]
-struct RawModel {
+/// One `[[models]]` entry. A preset's `[defaults]` table has the same shape but may only set
+/// options (not `id`, `kind`, `preset`, `source` or `files`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
     id: Option<String>,
     kind: Option<ModelKind>,
     preset: Option<String>,
     source: Option<String>,
     files: Option<Vec<String>>,
-    #[serde(flatten)]
-    options: RawOptions,
-    /// Whatever no field above claimed: reported as unknown keys.
-    #[serde(flatten)]
-    unknown: BTreeMap<String, toml::Value>,
-}
-
-/// Per-model options; a preset's `[defaults]` table has the same shape.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct RawOptions {
     backend: Option<Backend>,
     device: Option<String>,
     dtype: Option<DType>,
@@ -109,20 +101,20 @@ pub struct RawOptions {
     max_inputs_per_request: Option<usize>,
 }
 
-/// `RawOptions` that must stand alone (a preset's `[defaults]`): unknown keys are errors.
-#[derive(Debug, Deserialize)]
-pub struct StrictOptions {
-    #[serde(flatten)]
-    pub options: RawOptions,
-    #[serde(flatten)]
-    pub unknown: BTreeMap<String, toml::Value>,
-}
+impl RawModel {
+    /// True when only options are set: what a preset's `[defaults]` may hold.
+    pub fn only_options(&self) -> bool {
+        self.id.is_none()
+            && self.kind.is_none()
+            && self.preset.is_none()
+            && self.source.is_none()
+            && self.files.is_none()
+    }
 
-impl RawOptions {
-    /// Fields set here win; unset ones fall back to `defaults`.
-    fn or(self, defaults: &RawOptions) -> RawOptions {
+    /// Options set here win; unset ones fall back to `defaults`. Identity fields stay as they are.
+    fn or_defaults(self, defaults: &RawModel) -> RawModel {
         let d = defaults.clone();
-        RawOptions {
+        RawModel {
             backend: self.backend.or(d.backend),
             device: self.device.or(d.device),
             dtype: self.dtype.or(d.dtype),
@@ -137,6 +129,7 @@ impl RawOptions {
             max_concurrent_requests: self.max_concurrent_requests.or(d.max_concurrent_requests),
             queue_depth: self.queue_depth.or(d.queue_depth),
             max_inputs_per_request: self.max_inputs_per_request.or(d.max_inputs_per_request),
+            ..self
         }
     }
 }
@@ -279,13 +272,32 @@ impl Config {
             e.file = file.map(Path::to_owned);
             e
         };
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| with_file(invalid("", format!("invalid TOML: {}", e.to_string().trim_end()))))?;
+        let raw = parse_raw(text).map_err(with_file)?;
         validate(raw, overrides).map_err(with_file).map(|mut config| {
             config.file = file.map(Path::to_owned);
             config
         })
     }
+}
+
+/// Parses the TOML, tracking the key path so errors inside flattened tables still name their field.
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let deserializer = toml::de::Deserializer::parse(text)
+        .map_err(|e| invalid("", format!("invalid TOML: {}", e.to_string().trim_end())))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim_end().to_string();
+        let located = match inner.span() {
+            Some(span) => format!("{message} (line {})", line_of(text, span.start)),
+            None => message,
+        };
+        invalid(if field == "." { String::new() } else { field }, located)
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 fn validate(raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
@@ -368,10 +380,7 @@ fn validate_model(
     server: &ServerLimits,
 ) -> Result<ModelConfig, ConfigError> {
     let field = |name: &str| format!("models[{i}].{name}");
-    if let Some(key) = raw.unknown.keys().next() {
-        return Err(invalid(format!("models[{i}]"), format!("unknown key `{key}`; allowed: {}", MODEL_KEYS)));
-    }
-    let id = raw.id.filter(|id| !id.is_empty()).ok_or_else(|| invalid(field("id"), "is required"))?;
+    let id = raw.id.clone().filter(|id| !id.is_empty()).ok_or_else(|| invalid(field("id"), "is required"))?;
     if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c))) {
         return Err(invalid(
             field("id"),
@@ -391,7 +400,7 @@ fn validate_model(
         (Some(kind), Some(p)) if kind != p.kind => {
             return Err(invalid(
                 field("kind"),
-                format!("is `{kind}` but preset `{}` is a `{}` model", p.name, p.kind),
+                format!("is `{kind}` but preset `{}` has kind `{}`", p.name, p.kind),
             ))
         }
         (Some(kind), _) => kind,
@@ -412,13 +421,17 @@ fn validate_model(
         ));
     }
     let options = match preset {
-        Some(p) => raw.options.or(&p.defaults),
-        None => raw.options,
+        Some(p) => raw.or_defaults(&p.defaults),
+        None => raw,
     };
-    let source_text = raw.source.as_deref().or(preset.map(|p| p.source.as_str())).ok_or_else(|| {
+    let source_text = options.source.as_deref().or(preset.map(|p| p.source.as_str())).ok_or_else(|| {
         invalid(field("source"), "is required (`hf:org/name[@revision]` or a directory), or name a `preset`")
     })?;
-    let files = raw.files.or_else(|| preset.map(|p| p.files.clone()));
+    // The preset's file list belongs to the preset's source, not to a source given here.
+    let files = match (&options.source, preset) {
+        (None, Some(p)) => options.files.or_else(|| Some(p.files.clone())),
+        _ => options.files,
+    };
     let source = parse_source(source_text, files, models_dir).map_err(|m| invalid(field("source"), m))?;
 
     let device = match &options.device {
@@ -486,10 +499,6 @@ fn validate_model(
     })
 }
 
-const MODEL_KEYS: &str = "id, kind, preset, source, files, backend, device, dtype, architecture, pooling, \
-     normalize, max_input_tokens, truncate, max_batch_tokens, max_batch_size, scoring, \
-     max_concurrent_requests, queue_depth, max_inputs_per_request";
-
 /// Default file patterns for hub sources of encoder models.
 pub const DEFAULT_ENCODER_FILES: &[&str] = &[
     "config.json",
@@ -546,4 +555,142 @@ pub fn default_models_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("."));
     cache.join("hearth").join("models")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Some(Path::new("test.toml")), &Overrides::default()).map_err(|e| e.to_string())
+    }
+
+    /// `text` must be refused with a message containing every fragment of `expected`.
+    #[track_caller]
+    fn check_error(text: &str, expected: &[&str]) {
+        let err = parse(text).expect_err("config should be refused");
+        assert!(err.starts_with("test.toml: "), "{err}");
+        for fragment in expected {
+            assert!(err.contains(fragment), "`{fragment}` not in: {err}");
+        }
+    }
+
+    const LOCAL: &str = "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"/models/m\"\n";
+
+    #[test]
+    fn bad_configs_name_the_field_and_what_is_allowed() {
+        check_error("[serve]\nport = 1", &["unknown field `serve`", "expected one of"]);
+        check_error("[server]\nport = \"80\"", &["invalid type"]);
+        check_error("[server]\nport = 70000", &["port"]);
+        check_error("[server]\nqueue_depth = 0", &["`server.queue_depth`", "at least 1"]);
+        check_error("[server]\ncors_allowed_origins = [\"example.com/\"]", &["server.cors_allowed_origins"]);
+        check_error(
+            &format!("{LOCAL}pooling = \"avg\""),
+            &["`models[0].pooling`", "unknown variant `avg`", "`mean`, `cls`, `last-token`"],
+        );
+        check_error(
+            &format!("{LOCAL}colour = \"blue\""),
+            &["`models[0].colour`", "unknown field `colour`", "`pooling`"],
+        );
+        check_error("[[models]]\nkind = \"embedding\"\nsource = \"/m\"", &["`models[0].id`", "is required"]);
+        check_error(
+            "[[models]]\nid = \"a b\"\nkind = \"embedding\"\nsource = \"/m\"",
+            &["`models[0].id`", "` `"],
+        );
+        check_error("[[models]]\nid = \"m\"\nsource = \"/m\"", &["`models[0].kind`", "is required"]);
+        check_error("[[models]]\nid = \"m\"\nkind = \"embedding\"", &["`models[0].source`", "preset"]);
+        check_error(
+            &format!("{LOCAL}{}", LOCAL.replace("/models/m", "/other")),
+            &["`models[1].id`", "another model"],
+        );
+        check_error(&format!("{LOCAL}device = \"gpu\""), &["`models[0].device`", "`cuda:N`"]);
+        check_error(&format!("{LOCAL}dtype = \"f64\""), &["unknown variant `f64`"]);
+        check_error(&format!("{LOCAL}max_batch_tokens = 0"), &["`models[0].max_batch_tokens`", "at least 1"]);
+        check_error(&format!("{LOCAL}max_input_tokens = 2"), &["`models[0].max_input_tokens`"]);
+        check_error(
+            &format!("{LOCAL}scoring = \"bi-encoder\""),
+            &["`models[0].scoring`", "only to `rerank`"],
+        );
+        check_error(&format!("{LOCAL}architecture = \"gpt2\""), &["`models[0].architecture`", "`bert`"]);
+        check_error(&format!("{LOCAL}backend = \"onnx\""), &["unknown variant `onnx`", "`candle`"]);
+        check_error(
+            "[[models]]\nid = \"m\"\npreset = \"nope\"",
+            &["`models[0].preset`", "bge-small-en-v1.5"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"rerank\"\npreset = \"bge-small-en-v1.5\"",
+            &["`models[0].kind`", "has kind `embedding`"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"llm\"\nsource = \"/m\"",
+            &["`llm` models are not supported"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:just-a-name\"",
+            &["hf:org/name"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:a/b@\"",
+            &["empty revision"],
+        );
+        check_error(&format!("{LOCAL}files = [\"*.json\"]"), &["`files` applies only to `hf:`"]);
+        check_error("models_dir = 5", &["invalid type"]);
+    }
+
+    #[test]
+    fn defaults_presets_and_overrides() {
+        let config =
+            parse("[[models]]\nid = \"small\"\npreset = \"bge-small-en-v1.5\"\nnormalize = false\n").unwrap();
+        assert_eq!(config.server.host, DEFAULT_HOST);
+        assert_eq!(config.server.port, DEFAULT_PORT);
+        let model = &config.models[0];
+        assert_eq!(model.kind, ModelKind::Embedding);
+        assert_eq!(model.device, Device::Auto);
+        assert_eq!(model.queue_depth, DEFAULT_QUEUE_DEPTH);
+        let ModelSource::Hub { repo, revision, files } = &model.source else { panic!("{:?}", model.source) };
+        assert_eq!((repo.as_str(), revision.as_str()), ("BAAI/bge-small-en-v1.5", "main"));
+        assert!(files.contains(&"1_Pooling/config.json".to_string()));
+        let KindConfig::Embedding(encoder) = &model.options else { panic!() };
+        assert_eq!(encoder.pooling, Some(Pooling::Cls), "from the preset");
+        assert_eq!(encoder.normalize, Some(false), "the entry wins over the preset");
+        assert_eq!(encoder.max_input_tokens, Some(512));
+        assert!(!encoder.truncate, "embeddings refuse long inputs by default");
+
+        let rerank =
+            parse("[[models]]\nid = \"r\"\nkind = \"rerank\"\nsource = \"hf:a/b@v2\"\nqueue_depth = 3\n")
+                .unwrap();
+        let model = &rerank.models[0];
+        assert_eq!(model.queue_depth, 3);
+        let KindConfig::Rerank { encoder, scoring } = &model.options else { panic!() };
+        assert!(encoder.truncate, "rerank documents are cut to fit by default");
+        assert_eq!(*scoring, ScoringChoice::Auto);
+        assert!(matches!(&model.source, ModelSource::Hub { revision, .. } if revision == "v2"));
+    }
+
+    #[test]
+    fn relative_sources_live_in_the_models_dir_and_cli_overrides_win() {
+        let text = "models_dir = \"/srv/models\"\n[server]\nport = 9000\n[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"mini\"\n";
+        let config = parse(text).unwrap();
+        assert_eq!(config.models[0].source, ModelSource::Local(PathBuf::from("/srv/models/mini")));
+        assert_eq!(config.server.port, 9000);
+        let overrides = Overrides {
+            port: Some(7000),
+            host: Some("0.0.0.0".into()),
+            models_dir: Some(PathBuf::from("/data")),
+            log_format: Some(LogFormat::Json),
+            log_level: None,
+        };
+        let config = Config::parse(text, None, &overrides).unwrap();
+        assert_eq!((config.server.host.as_str(), config.server.port), ("0.0.0.0", 7000));
+        assert_eq!(config.models[0].source, ModelSource::Local(PathBuf::from("/data/mini")));
+        assert_eq!(config.logging.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        for name in ["hearth.toml", "offline.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+            Config::load(&path, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }

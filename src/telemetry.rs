@@ -1,5 +1,6 @@
 //! Logging (`tracing`, text or JSON) and the Prometheus recorder behind `/metrics`.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -12,7 +13,10 @@ use crate::config::{LogFormat, LoggingConfig};
 pub fn init_logging(config: &LoggingConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.level)
         .map_err(|e| anyhow::anyhow!("invalid log level `{}`: {e}", config.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match config.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),

@@ -3,7 +3,7 @@
 //! default); optional `dimensions`.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine as _;
 use hearth_engine::embed::EmbedInput;
 use hearth_engine::registry::Served;
@@ -61,7 +61,7 @@ enum EmbeddingValue {
 pub async fn create(State(state): State<AppState>, Json(request): Json<EmbeddingsRequest>) -> Response {
     let (entry, served) = match ready_model(&state, &request.model, ModelKind::Embedding) {
         Ok(found) => found,
-        Err(err) => return err.into_response(),
+        Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };
     let result = async {
         let Served::Embedding(embedder) = &*served else {
@@ -86,7 +86,7 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<Embedding
         Ok(axum::Json(EmbeddingsResponse { object: "list", data, model: &entry.id, usage }))
     }
     .await;
-    labelled(&entry.id, result)
+    labelled(&state, &request.model, result)
 }
 
 fn to_base64(vector: &[f32]) -> String {

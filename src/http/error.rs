@@ -136,7 +136,7 @@ impl ApiError {
             Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on {path}"),
             Self::ModelNotFound { model } => format!("The model `{model}` does not exist"),
             Self::WrongModelKind { model, kind, expected } => {
-                format!("The model `{model}` is a `{kind}` model; this endpoint needs a `{expected}` model")
+                format!("The model `{model}` has kind `{kind}`; this endpoint serves `{expected}` models")
             }
             Self::ModelNotReady { model, failed: false } => {
                 format!("The model `{model}` is still loading; retry shortly")

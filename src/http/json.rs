@@ -1,6 +1,7 @@
 //! A JSON body extractor whose failures are OpenAI-shaped: malformed JSON and wrong field types are
 //! 400s naming the field, a body over the limit is 413, a non-JSON content type is 415. A missing
-//! `Content-Type` is accepted, as curl users often leave it out.
+//! `Content-Type`, and curl's default for `-d` (`application/x-www-form-urlencoded`), are read as
+//! JSON, so a bare `curl -d '{…}'` works.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -19,7 +20,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
         if let Some(content_type) = request.headers().get(CONTENT_TYPE) {
             let text = content_type.to_str().unwrap_or("");
             let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            if !(essence == "application/json" || essence.ends_with("+json")) {
+            let json_like = essence == "application/json"
+                || essence.ends_with("+json")
+                || essence == "application/x-www-form-urlencoded";
+            if !json_like {
                 return Err(ApiError::UnsupportedMediaType { content_type: text.into() });
             }
         }
@@ -43,6 +47,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 pub struct BodyLimit(pub usize);
 
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // serde would read a top-level array positionally into a struct; requests are objects.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::InvalidRequest {
+            message: "We could not parse the JSON body of your request: it must be one JSON object".into(),
+            param: None,
+        });
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();

@@ -22,7 +22,8 @@ use hearth_engine::ModelKind;
 use serde::Serialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use self::error::ApiError;
 use self::json::BodyLimit;
@@ -58,10 +59,12 @@ pub fn ready_model(
     }
 }
 
-/// A handler's result as a response tagged with the model it concerned.
-pub fn labelled(model: &Arc<str>, result: Result<impl IntoResponse, ApiError>) -> Response {
+/// A handler's result as a response tagged with the model it concerned, if that model is configured.
+pub fn labelled(state: &AppState, model: &str, result: Result<impl IntoResponse, ApiError>) -> Response {
     let mut response = result.into_response();
-    response.extensions_mut().insert(ModelLabel(Arc::clone(model)));
+    if let Some(entry) = state.registry.get(model) {
+        response.extensions_mut().insert(ModelLabel(Arc::clone(&entry.id)));
+    }
     response
 }
 
@@ -73,7 +76,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rerank", post(rerank::create))
         .route("/rerank", post(rerank::create))
         .route("/v1/models", get(models::list))
-        .route("/v1/models/{id}", get(models::retrieve))
+        // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
+        .route("/v1/models/{*id}", get(models::retrieve))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/metrics", get(health::metrics))
@@ -83,21 +87,28 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(BodyLimit(body_limit)))
         .with_state(state);
-    let traced = routes
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request
-                .extensions()
-                .get::<RequestId>()
-                .and_then(|id| id.header_value().to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
-        }))
+    // CORS sits inside the request-id and trace layers so preflights get ids and log lines too.
+    let routes = match cors {
+        Some(cors) => routes.layer(cors),
+        None => routes,
+    };
+    routes
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let id = request
+                        .extensions()
+                        .get::<RequestId>()
+                        .and_then(|id| id.header_value().to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+                })
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // Statuses are in the response line above; a 503 from /ready while loading is no error.
+                .on_failure(()),
+        )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid));
-    match cors {
-        Some(cors) => traced.layer(cors),
-        None => traced,
-    }
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
@@ -134,12 +145,18 @@ async fn track(path: MatchedPath, request: Request, next: Next) -> Response {
     response
 }
 
-async fn unknown_route(method: Method, uri: Uri) -> Response {
-    metrics::counter!("hearth_http_requests_total", "route" => "unmatched", "model" => "", "status" => "404")
+/// Requests that reach no handler are counted under `route="unmatched"` (paths are unbounded).
+fn count_unmatched(status: &'static str) {
+    metrics::counter!("hearth_http_requests_total", "route" => "unmatched", "model" => "", "status" => status)
         .increment(1);
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Response {
+    count_unmatched("404");
     ApiError::UnknownRoute { method: method.to_string(), path: uri.path().to_owned() }.into_response()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    count_unmatched("405");
     ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }.into_response()
 }

@@ -3,7 +3,7 @@
 //! by `relevance_score`, highest first.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use hearth_engine::registry::Served;
 use hearth_engine::{ModelKind, Priority};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,7 @@ struct Document {
 pub async fn create(State(state): State<AppState>, Json(request): Json<RerankRequest>) -> Response {
     let (entry, served) = match ready_model(&state, &request.model, ModelKind::Rerank) {
         Ok(found) => found,
-        Err(err) => return err.into_response(),
+        Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };
     let result = async {
         let Served::Rerank(reranker) = &*served else {
@@ -85,7 +85,7 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<RerankReq
         }))
     }
     .await;
-    labelled(&entry.id, result)
+    labelled(&state, &request.model, result)
 }
 
 fn document_texts(documents: Vec<Value>) -> Result<Vec<String>, ApiError> {

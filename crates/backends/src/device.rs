@@ -45,3 +45,20 @@ pub fn describe(device: &CandleDevice) -> String {
         CandleDevice::Metal(_) => "metal".into(),
     }
 }
+
+/// Fixes candle's CPU thread count for the life of the process.
+///
+/// candle 0.11 works out its matmul thread count on every CPU matmul, by parsing `/proc/cpuinfo`
+/// for the physical core count unless `RAYON_NUM_THREADS` is set. That costs tens of microseconds
+/// per matmul on a small VM and milliseconds on a large server. Computing it once and publishing
+/// it through `RAYON_NUM_THREADS` keeps candle's choice (physical cores) and makes every later
+/// lookup an environment read. A value the user set is left alone.
+///
+/// Call it at the start of `main`, before any other thread exists: it changes the environment.
+pub fn pin_cpu_threads() -> usize {
+    let threads = candle_core::utils::get_num_threads();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    threads
+}

@@ -81,6 +81,11 @@ impl Embedder {
         &self.limits
     }
 
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.admission.in_flight()
+    }
+
     pub(crate) fn admission(&self) -> &Admission {
         &self.admission
     }

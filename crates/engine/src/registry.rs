@@ -22,6 +22,14 @@ impl Served {
         }
     }
 
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Self::Embedding(e) => e.in_flight(),
+            Self::Rerank(r) => r.in_flight(),
+        }
+    }
+
     pub fn shutdown(&self) {
         match self {
             Self::Embedding(e) => e.shutdown(),

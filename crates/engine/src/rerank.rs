@@ -62,6 +62,14 @@ impl Reranker {
         }
     }
 
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Self::CrossEncoder(c) => c.admission.in_flight(),
+            Self::BiEncoder(e) => e.in_flight(),
+        }
+    }
+
     pub fn shutdown(&self) {
         match self {
             Self::CrossEncoder(c) => c.worker.shutdown(),

@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Hearth container image.
+#   CPU:  docker build -t hearth .
+#   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda \
+#           --build-arg BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
+#           --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
+#           --build-arg CUDA_COMPUTE_CAP=90 .
+# Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models hearth
+# Models are read from (and downloaded to) /var/lib/hearth/models; the config is
+# /etc/hearth/hearth.toml (mount your own over it).
+
+ARG BUILD_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+FROM ${BUILD_IMAGE} AS build
+ARG FEATURES=""
+ARG CUDA_COMPUTE_CAP=""
+ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+RUN if ! command -v cargo >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
+      && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
+    fi
+ENV PATH=/root/.cargo/bin:${PATH}
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/root/.cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --features "${FEATURES}" \
+    && install -D target/release/hearth /out/hearth
+
+FROM ${RUNTIME_IMAGE}
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home /var/lib/hearth hearth \
+    && install -d -o hearth -g hearth /var/lib/hearth/models
+COPY --from=build /out/hearth /usr/local/bin/hearth
+COPY config/ /etc/hearth/
+ENV HEARTH_HOST=0.0.0.0 \
+    HEARTH_PORT=8080 \
+    HEARTH_MODELS_DIR=/var/lib/hearth/models \
+    HEARTH_CONFIG=/etc/hearth/hearth.toml
+USER hearth
+EXPOSE 8080
+VOLUME ["/var/lib/hearth/models"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/hearth"]
+CMD ["serve"]

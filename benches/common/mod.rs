@@ -1,0 +1,45 @@
+//! What both bench binaries share: how they start, and where and when the figures were taken.
+
+use std::future::Future;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+/// Runs the bench on a fresh multi-threaded runtime, after pinning candle's CPU thread count as the
+/// `hearth` binary does (it must happen before any thread starts).
+pub fn run(bench: impl Future<Output = ()>) {
+    hearth_backends::device::pin_cpu_threads();
+    tokio::runtime::Runtime::new().expect("cannot start the tokio runtime").block_on(bench);
+}
+
+/// When and where the figures were taken.
+pub fn machine() -> Value {
+    let command_output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
+        info.lines().find_map(|l| {
+            l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+    });
+    json!({
+        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "git_commit": command_output("git", &["rev-parse", "HEAD"]),
+        "git_dirty": command_output("git", &["status", "--porcelain"]).map(|s| !s.is_empty()),
+        "cpu_model": cpu_model,
+        "nproc": std::thread::available_parallelism().map(usize::from).ok(),
+        // candle sizes its matmul thread pool from this; unset, it re-reads /proc/cpuinfo per matmul.
+        "RAYON_NUM_THREADS": std::env::var("RAYON_NUM_THREADS").ok(),
+    })
+}
+
+pub fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}

@@ -1,0 +1,136 @@
+//! `/v1/embeddings` against the tiny models' independent references.
+
+use axum::http::StatusCode;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::support::{app, assert_close, floats, reference, tiny_app, tiny_config, unit};
+
+fn reference_texts(model: &str) -> (Vec<String>, Vec<Value>) {
+    let reference = reference(model);
+    let cases = reference["cases"].as_array().unwrap().clone();
+    (cases.iter().map(|c| c["text"].as_str().unwrap().to_owned()).collect(), cases)
+}
+
+#[tokio::test]
+async fn text_inputs_match_the_reference_through_the_whole_stack() {
+    let app = tiny_app().await;
+    // tiny-bert-embed: mean pooling + Normalize from its sentence-transformers files; its
+    // tokenizer.json pads/truncates at 16, which Hearth must switch off (one case has 23 tokens).
+    let (texts, cases) = reference_texts("tiny-bert-embed");
+    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.body["object"], "list");
+    assert_eq!(reply.body["model"], "tiny-embed");
+    let data = reply.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), cases.len());
+    let mut n_tokens = 0;
+    for (i, (item, case)) in data.iter().zip(&cases).enumerate() {
+        assert_eq!(item["object"], "embedding");
+        assert_eq!(item["index"], i);
+        assert_close(&floats(&item["embedding"]), &unit(&floats(&case["pooled"]["mean"])), 1e-4);
+        n_tokens += case["input_ids"].as_array().unwrap().len();
+    }
+    assert_eq!(reply.body["usage"]["prompt_tokens"], n_tokens);
+    assert_eq!(reply.body["usage"]["total_tokens"], n_tokens);
+
+    // tiny-xlmr-embed: CLS pooling, no normalisation.
+    let (texts, cases) = reference_texts("tiny-xlmr-embed");
+    let reply = app.post("/v1/embeddings", json!({"model": "tiny-xlmr-embed", "input": texts})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    for (item, case) in reply.body["data"].as_array().unwrap().iter().zip(&cases) {
+        assert_close(&floats(&item["embedding"]), &floats(&case["pooled"]["cls"]), 1e-4);
+    }
+}
+
+#[tokio::test]
+async fn every_input_shape_gives_the_same_vectors() {
+    let app = tiny_app().await;
+    let (texts, cases) = reference_texts("tiny-bert-embed");
+    let ids: Vec<Value> = cases.iter().map(|c| c["input_ids"].clone()).collect();
+    let expected = unit(&floats(&cases[0]["pooled"]["mean"]));
+
+    let single_string = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts[0]})).await;
+    let token_array = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids[0]})).await;
+    let token_arrays = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids})).await;
+    for reply in [&single_string, &token_array, &token_arrays] {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_close(&floats(&reply.body["data"][0]["embedding"]), &expected, 1e-4);
+    }
+    assert_eq!(token_arrays.body["data"].as_array().unwrap().len(), cases.len());
+}
+
+#[tokio::test]
+async fn base64_encodes_the_same_little_endian_floats() {
+    let app = tiny_app().await;
+    let request = |format: &str| json!({"model": "tiny-embed", "input": ["red apple", "blue"], "encoding_format": format});
+    let float = app.post("/v1/embeddings", request("float")).await;
+    let base64 = app.post("/v1/embeddings", request("base64")).await;
+    assert_eq!(base64.status, StatusCode::OK, "{}", base64.text);
+    for i in 0..2 {
+        let text = base64.body["data"][i]["embedding"].as_str().unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+        let decoded: Vec<f32> =
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(decoded, floats(&float.body["data"][i]["embedding"]));
+    }
+}
+
+#[tokio::test]
+async fn dimensions_truncate_then_renormalise() {
+    let app = tiny_app().await;
+    let full = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple"})).await;
+    let short = app
+        .post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple", "dimensions": 8}))
+        .await;
+    assert_eq!(short.status, StatusCode::OK, "{}", short.text);
+    let full = floats(&full.body["data"][0]["embedding"]);
+    let short = floats(&short.body["data"][0]["embedding"]);
+    assert_eq!(short.len(), 8);
+    assert_close(&short, &unit(&full[..8]), 1e-6);
+
+    for bad in [0, 33] {
+        let reply =
+            app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "x", "dimensions": bad})).await;
+        reply.assert_error(StatusCode::BAD_REQUEST, Some("dimensions"), None);
+    }
+}
+
+#[tokio::test]
+async fn long_inputs_are_refused_unless_truncation_is_configured() {
+    let long = "red apple ".repeat(40);
+    let app = tiny_app().await;
+    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", long]})).await;
+    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+    assert!(
+        reply.message().contains("input[1] has 82 tokens, more than the model's limit of 24"),
+        "{}",
+        reply.text
+    );
+    let ids: Vec<u32> = vec![5; 30];
+    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": [ids]})).await;
+    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+
+    let app = app_with_truncation().await;
+    let cut = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": long})).await;
+    assert_eq!(cut.status, StatusCode::OK, "{}", cut.text);
+    assert_eq!(cut.body["usage"]["prompt_tokens"], 24);
+    // The cut keeps [CLS] … [SEP]: the same as sending the first 22 text tokens.
+    let tokens =
+        app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple ".repeat(11)})).await;
+    assert_eq!(tokens.body["usage"]["prompt_tokens"], 24);
+    assert_close(
+        &floats(&cut.body["data"][0]["embedding"]),
+        &floats(&tokens.body["data"][0]["embedding"]),
+        1e-6,
+    );
+}
+
+async fn app_with_truncation() -> crate::support::App {
+    let toml = tiny_config("").replace(
+        "id = \"tiny-embed\"\n        kind = \"embedding\"",
+        "id = \"tiny-embed\"\n        kind = \"embedding\"\n        truncate = true",
+    );
+    assert!(toml.contains("truncate = true"));
+    app(&toml).await
+}

@@ -1,0 +1,179 @@
+//! `/v1/rerank` and `/rerank`: both cross-encoder layouts against their references, the bi-encoder
+//! against the embeddings endpoint, and the Cohere/Jina request options.
+
+use std::collections::BTreeMap;
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::support::{cosine, floats, reference, tiny_app};
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Reference cases grouped by query: query → [(document, logit)].
+fn by_query(model: &str) -> BTreeMap<String, Vec<(String, f64)>> {
+    let mut groups: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    for case in reference(model)["cases"].as_array().unwrap() {
+        groups
+            .entry(case["query"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((case["document"].as_str().unwrap().to_owned(), case["logit"].as_f64().unwrap()));
+    }
+    groups
+}
+
+async fn check_cross_encoder(served_as: &str, fixture: &str) {
+    let app = tiny_app().await;
+    for (query, documents) in by_query(fixture) {
+        let texts: Vec<&str> = documents.iter().map(|(d, _)| d.as_str()).collect();
+        let reply =
+            app.post("/v1/rerank", json!({"model": served_as, "query": query, "documents": texts})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        let results = reply.body["results"].as_array().unwrap();
+        assert_eq!(results.len(), documents.len());
+        for result in results {
+            let index = result["index"].as_u64().unwrap() as usize;
+            let expected = sigmoid(documents[index].1);
+            let actual = result["relevance_score"].as_f64().unwrap();
+            assert!(
+                (actual - expected).abs() < 1e-4,
+                "{served_as} {query:?} doc {index}: {actual} vs {expected}"
+            );
+            assert!(result.get("document").is_none(), "documents only when asked");
+        }
+        let scores: Vec<f64> = results.iter().map(|r| r["relevance_score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted highest first: {scores:?}");
+        assert!(reply.body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+        assert!(reply.body["id"].as_str().unwrap().starts_with("rerank-"));
+    }
+}
+
+#[tokio::test]
+async fn bert_cross_encoder_scores_match_the_reference() {
+    check_cross_encoder("tiny-rerank-bert", "tiny-bert-reranker").await;
+}
+
+#[tokio::test]
+async fn xlm_roberta_cross_encoder_scores_match_the_reference() {
+    check_cross_encoder("tiny-rerank-xlmr", "tiny-xlmr-reranker").await;
+}
+
+#[tokio::test]
+async fn bi_encoder_scores_are_cosines_of_the_models_embeddings() {
+    let app = tiny_app().await;
+    let query = "what is the capital of france";
+    let documents = ["paris is the capital of france", "the lazy dog", "rain in the park"];
+    let reply =
+        app.post("/rerank", json!({"model": "tiny-bi", "query": query, "documents": documents})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let mut input = vec![query];
+    input.extend(documents);
+    let embedded = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": input})).await;
+    let vectors: Vec<Vec<f32>> =
+        embedded.body["data"].as_array().unwrap().iter().map(|d| floats(&d["embedding"])).collect();
+    for result in reply.body["results"].as_array().unwrap() {
+        let index = result["index"].as_u64().unwrap() as usize;
+        let expected = cosine(&vectors[0], &vectors[index + 1]);
+        let actual = result["relevance_score"].as_f64().unwrap() as f32;
+        assert!((actual - expected).abs() < 1e-5, "doc {index}: {actual} vs {expected}");
+    }
+    assert_eq!(reply.body["usage"]["total_tokens"], embedded.body["usage"]["total_tokens"]);
+}
+
+#[tokio::test]
+async fn top_n_return_documents_and_object_documents() {
+    let app = tiny_app().await;
+    let documents = json!(["the lazy dog", {"text": "paris is the capital of france"}, "rain in the park"]);
+    let all = app
+        .post(
+            "/v1/rerank",
+            json!({"model": "tiny-rerank-bert", "query": "capital of france", "documents": documents}),
+        )
+        .await;
+    let top = app
+        .post(
+            "/v1/rerank",
+            json!({"model": "tiny-rerank-bert", "query": "capital of france", "documents": documents,
+                   "top_n": 2, "return_documents": true}),
+        )
+        .await;
+    assert_eq!(top.status, StatusCode::OK, "{}", top.text);
+    let top_results = top.body["results"].as_array().unwrap();
+    assert_eq!(top_results.len(), 2);
+    let texts = ["the lazy dog", "paris is the capital of france", "rain in the park"];
+    for (ranked, full) in top_results.iter().zip(all.body["results"].as_array().unwrap()) {
+        assert_eq!(ranked["index"], full["index"]);
+        assert_eq!(ranked["relevance_score"], full["relevance_score"]);
+        let index = ranked["index"].as_u64().unwrap() as usize;
+        assert_eq!(ranked["document"], json!({"text": texts[index]}));
+    }
+    let beyond = app
+        .post(
+            "/v1/rerank",
+            json!({"model": "tiny-rerank-bert", "query": "q", "documents": ["a"], "top_n": 10}),
+        )
+        .await;
+    assert_eq!(beyond.body["results"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn rerank_requests_are_validated() {
+    let app = tiny_app().await;
+    let post = |body: Value| app.post("/v1/rerank", body);
+    post(json!({"model": "tiny-rerank-bert", "query": "q", "documents": []})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("documents"),
+        None,
+    );
+    post(json!({"model": "tiny-rerank-bert", "query": "", "documents": ["a"]})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("query"),
+        None,
+    );
+    post(json!({"model": "tiny-rerank-bert", "query": "q", "documents": ["a", 5]})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("documents"),
+        None,
+    );
+    post(json!({"model": "tiny-rerank-bert", "query": "q", "documents": [{"title": "a"}]}))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, Some("documents"), None);
+    post(json!({"model": "tiny-rerank-bert", "query": "q", "documents": ["a"], "top_n": 0}))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, Some("top_n"), None);
+    post(json!({"model": "tiny-rerank-bert", "query": "q", "documents": "a"})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("documents"),
+        None,
+    );
+    post(json!({"model": "tiny-embed", "query": "q", "documents": ["a"]})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("model"),
+        Some("model_kind_mismatch"),
+    );
+    // A query that leaves no room for any document.
+    let long_query = "the lazy dog ".repeat(30);
+    post(json!({"model": "tiny-rerank-bert", "query": long_query, "documents": ["a"]})).await.assert_error(
+        StatusCode::BAD_REQUEST,
+        Some("query"),
+        None,
+    );
+}
+
+#[tokio::test]
+async fn long_documents_are_cut_to_fit_beside_the_query() {
+    let app = tiny_app().await;
+    let long = "paris is the capital of france ".repeat(20);
+    let reply = app
+        .post(
+            "/v1/rerank",
+            json!({"model": "tiny-rerank-bert", "query": "capital", "documents": [long, "dog"]}),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    // The tiny BERT has 64 positions; the long pair is cut to exactly that.
+    let n_dog = 1 + 1 + 1 + 1 + 1; // [CLS] capital [SEP] dog [SEP]
+    assert_eq!(reply.body["usage"]["total_tokens"], 64 + n_dog);
+}

@@ -1,0 +1,165 @@
+//! Shared test plumbing: apps built from TOML over the tiny fixture models, and request helpers
+//! that go through the real router without sockets.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use hearth::config::{Config, Overrides};
+use hearth::server::{load_models, AppState};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+}
+
+pub fn reference(name: &str) -> Value {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A config serving the tiny fixtures: two embedders, two cross-encoders, one bi-encoder reranker.
+pub fn tiny_config(extra: &str) -> String {
+    format!(
+        r#"
+        [server]
+        max_request_body_bytes = 65536
+
+        [[models]]
+        id = "tiny-embed"
+        kind = "embedding"
+        source = "{bert_embed}"
+        device = "cpu"
+
+        [[models]]
+        id = "tiny-xlmr-embed"
+        kind = "embedding"
+        source = "{xlmr_embed}"
+        device = "cpu"
+
+        [[models]]
+        id = "tiny-rerank-bert"
+        kind = "rerank"
+        source = "{bert_rerank}"
+        device = "cpu"
+
+        [[models]]
+        id = "tiny-rerank-xlmr"
+        kind = "rerank"
+        source = "{xlmr_rerank}"
+        device = "cpu"
+
+        [[models]]
+        id = "tiny-bi"
+        kind = "rerank"
+        source = "{bert_embed}"
+        device = "cpu"
+        {extra}
+        "#,
+        bert_embed = fixture("tiny-bert-embed").display(),
+        xlmr_embed = fixture("tiny-xlmr-embed").display(),
+        bert_rerank = fixture("tiny-bert-reranker").display(),
+        xlmr_rerank = fixture("tiny-xlmr-reranker").display(),
+    )
+}
+
+pub struct App {
+    pub router: Router,
+    pub state: AppState,
+}
+
+/// Builds the app from `toml` and loads every model before returning.
+pub async fn app(toml: &str) -> App {
+    let state = unloaded(toml);
+    load_models(state.clone()).await;
+    App { router: hearth::http::router(state.clone()), state }
+}
+
+/// The app with every model still in the loading state.
+pub fn unloaded(toml: &str) -> AppState {
+    let config = Config::parse(toml, None, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+    AppState::new(config)
+}
+
+pub async fn tiny_app() -> App {
+    app(&tiny_config("")).await
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl App {
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply { status, headers, body, text }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.post_raw(path, body.to_string(), Some("application/json")).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<Body>, content_type: Option<&str>) -> Reply {
+        let mut request = Request::builder().method(Method::POST).uri(path);
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        self.send(request.body(body.into()).unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(Request::builder().uri(path).body(Body::empty()).unwrap()).await
+    }
+}
+
+impl Reply {
+    /// Asserts an OpenAI-shaped error with this status, `param` and `code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: StatusCode, param: Option<&str>, code: Option<&str>) {
+        assert_eq!(self.status, status, "{}", self.text);
+        let error = &self.body["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
+        assert!(error["type"].as_str().is_some(), "{}", self.text);
+        assert_eq!(error["param"].as_str(), param, "{}", self.text);
+        assert_eq!(error["code"].as_str(), code, "{}", self.text);
+        let keys: Vec<&String> = error.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 4, "exactly message, type, param, code: {}", self.text);
+    }
+
+    pub fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+pub fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+pub fn unit(v: &[f32]) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+}
+
+#[track_caller]
+pub fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
+    assert_eq!(actual.len(), expected.len());
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!((a - e).abs() <= tolerance, "[{i}]: {a} vs {e}");
+    }
+}
