@@ -9,3 +9,9 @@ pub mod loader;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// candle allocates and frees large per-op buffers on every forward pass. glibc returns the big ones
+/// to the kernel each time (mmap/munmap), so every reuse page-faults; mimalloc keeps them. Measured
+/// in `benches/`: about 20% faster embedding of 256-token documents, about 80 MiB more peak RSS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
