@@ -145,6 +145,11 @@ impl<O: Send + 'static> EncoderHandle<O> {
         })
     }
 
+    /// The id of the model this worker serves.
+    pub fn model(&self) -> &Arc<str> {
+        &self.model
+    }
+
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }

@@ -129,7 +129,7 @@ async fn bi_encoder_scores(
     let n_tokens = sequences.iter().map(Sequence::len).sum();
     let vectors = embedder.worker().encode(sequences, priority).await?;
     let (query_vector, document_vectors) = vectors.split_first().ok_or_else(|| EngineError::Backend {
-        model: "bi-encoder".into(),
+        model: Arc::clone(embedder.worker().model()),
         message: "no vector for the query".into(),
     })?;
     let scores = document_vectors.iter().map(|d| cosine(query_vector, d)).collect();
