@@ -22,8 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth::config::{default_models_dir, Config, Overrides};
-use hearth::server::{load_models, AppState};
-use hearth_engine::embed::{EmbedInput, Embedder};
+use hearth::server::load_models;
+use hearth::state::AppState;
+use hearth_engine::embed::{Embed, EmbedInput, Embedder};
 use hearth_engine::registry::{LoadState, Served};
 use hearth_engine::Priority;
 use serde_json::{json, Value};
@@ -143,7 +144,7 @@ async fn load_minilm(models_dir: &Path, extra_toml: &str) -> AppState {
         format!("[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{MODEL}\"\n{extra_toml}");
     let overrides = Overrides { models_dir: Some(models_dir.to_owned()), ..Overrides::default() };
     let config = Config::parse(&text, None, &overrides).expect("the bench's model config is valid");
-    let state = AppState::new(config);
+    let state = AppState::new(config).expect("the server state starts");
     load_models(state.clone()).await;
     state
 }
@@ -162,7 +163,8 @@ fn ready_model(state: &AppState) -> Arc<Served> {
 
 async fn shutdown(state: AppState) {
     let registry = Arc::clone(&state.registry);
-    tokio::task::spawn_blocking(move || registry.shutdown()).await.expect("the model workers stop");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    tokio::task::spawn_blocking(move || registry.shutdown(deadline)).await.expect("the model workers stop");
 }
 
 struct ThroughputResult {
@@ -314,7 +316,7 @@ async fn measure_http(
     let state = load_minilm(models_dir, "").await;
     let server_max_batch_size = match &state.config.models[0].options {
         hearth::config::KindConfig::Embedding(encoder) => encoder.batch.max_batch_size,
-        hearth::config::KindConfig::Rerank { .. } => unreachable!("{MODEL} is an embedding model"),
+        hearth::config::KindConfig::Rerank(_) => unreachable!("{MODEL} is an embedding model"),
     };
     ready_model(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("can listen on 127.0.0.1");

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hearth::config::{default_models_dir, Config, Overrides};
-use hearth::server::{load_models, AppState};
-use hearth_engine::embed::{EmbedInput, Embedder};
+use hearth::server::load_models;
+use hearth::state::AppState;
+use hearth_engine::embed::{Embed, EmbedInput, Embedder};
 use hearth_engine::registry::{LoadState, Served};
 use hearth_engine::Priority;
 use serde::de::DeserializeOwned;
@@ -67,7 +68,8 @@ async fn bench() {
     );
     let overrides = Overrides { models_dir: Some(models_dir), ..Overrides::default() };
     let state =
-        AppState::new(Config::parse(&text, None, &overrides).expect("the bench's model config is valid"));
+        AppState::new(Config::parse(&text, None, &overrides).expect("the bench's model config is valid"))
+            .expect("the server state starts");
     load_models(state.clone()).await;
     let served = match state.registry.get(MODEL).expect("the bench's model is configured").state() {
         LoadState::Ready(served) => served,
@@ -84,7 +86,8 @@ async fn bench() {
     let (query_vectors, query_seconds, query_tokens) = embed(embedder, query_texts).await;
     drop(served);
     let registry = Arc::clone(&state.registry);
-    tokio::task::spawn_blocking(move || registry.shutdown()).await.expect("the model worker stops");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    tokio::task::spawn_blocking(move || registry.shutdown(deadline)).await.expect("the model worker stops");
 
     let index_of: HashMap<&str, usize> =
         documents.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();

@@ -1,13 +1,15 @@
 //! The model catalogue: presets from `models/*.toml`, compiled into the binary so a deployed Hearth
 //! knows them without the source tree. A preset names a source, its files, kind, architecture and
 //! default options, so a config entry can say `preset = "bge-small-en-v1.5"` and nothing more.
+//!
+//! This module only reads the presets. Their `[defaults]` stay a TOML table: the config merges it
+//! into an entry's own table and reads the result as that kind's options (`config::model`).
 
 use std::sync::LazyLock;
 
 use hearth_engine::ModelKind;
 use serde::Deserialize;
-
-use crate::config::RawModel;
+use toml::de::{DeTable, DeValue};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,11 +23,8 @@ struct RawPreset {
     architecture: String,
     size_mb: u32,
     offline: Option<String>,
-    #[serde(default)]
-    defaults: RawModel,
 }
 
-#[derive(Debug)]
 pub struct Preset {
     pub name: String,
     pub kind: ModelKind,
@@ -39,7 +38,8 @@ pub struct Preset {
     pub size_mb: u32,
     /// The `scripts/fetch-models` entry that installs these weights without the hub, if any.
     pub offline: Option<String>,
-    pub defaults: RawModel,
+    /// Option values for entries that use this preset (keys they set themselves win).
+    pub defaults: DeTable<'static>,
 }
 
 /// Every file in `models/`; a test checks that none is missing from this list.
@@ -54,11 +54,15 @@ const PRESET_FILES: &[(&str, &str)] = &[
     ("ms-marco-minilm-l6-v2.toml", include_str!("../models/ms-marco-minilm-l6-v2.toml")),
 ];
 
-fn parse(file: &str, text: &str) -> Result<Preset, String> {
-    let raw: RawPreset = toml::from_str(text).map_err(|e| format!("models/{file}: {e}"))?;
-    if !raw.defaults.only_options() {
-        return Err(format!("models/{file}: [defaults] may only set options, not identity or source"));
-    }
+fn parse(file: &str, text: &'static str) -> Result<Preset, String> {
+    let mut document = DeTable::parse(text).map_err(|e| format!("models/{file}: {e}"))?;
+    let defaults = match document.get_mut().remove("defaults").map(|v| v.into_inner()) {
+        None => DeTable::new(),
+        Some(DeValue::Table(table)) => table,
+        Some(_) => return Err(format!("models/{file}: `defaults` must be a table")),
+    };
+    let raw: RawPreset = RawPreset::deserialize(toml::de::Deserializer::from(document))
+        .map_err(|e| format!("models/{file}: {e}"))?;
     if format!("{}.toml", raw.name) != file {
         return Err(format!("models/{file}: `name` must match the file name"));
     }
@@ -72,7 +76,7 @@ fn parse(file: &str, text: &str) -> Result<Preset, String> {
         architecture: raw.architecture,
         size_mb: raw.size_mb,
         offline: raw.offline,
-        defaults: raw.defaults,
+        defaults,
     })
 }
 
@@ -102,22 +106,9 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::{parse_source, Overrides};
 
     #[test]
-    fn every_preset_parses_and_is_valid_in_a_config() {
-        for (file, text) in PRESET_FILES {
-            let preset = parse(file, text).unwrap();
-            parse_source(&preset.source, Some(preset.files.clone()), Path::new("/m")).unwrap();
-            preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
-            let config = format!("[[models]]\nid = \"x\"\npreset = \"{}\"\n", preset.name);
-            crate::config::Config::parse(&config, None, &Overrides::default())
-                .unwrap_or_else(|e| panic!("{file}: {e}"));
-        }
-    }
-
-    #[test]
-    fn every_file_in_models_dir_is_compiled_in() {
+    fn every_file_in_models_dir_is_compiled_in_and_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let mut on_disk: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -128,6 +119,7 @@ mod tests {
         let mut listed: Vec<String> = PRESET_FILES.iter().map(|(f, _)| f.to_string()).collect();
         listed.sort();
         assert_eq!(on_disk, listed);
+        assert_eq!(all().len(), PRESET_FILES.len());
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn check(args: ConfigArgs) -> ExitCode {
         config.models_dir.display()
     );
     for model in &config.models {
-        println!("  {:<28} {:<10} {}", model.id, model.kind.as_str(), model.source);
+        println!("  {:<28} {:<10} {}", model.id, model.kind.as_str(), model.describe_source());
     }
     ExitCode::SUCCESS
 }
@@ -223,7 +223,9 @@ async fn pull(store: &Store, name: &str, store_name: Option<String>, force: bool
                 .map(|n| n.to_string_lossy().into_owned())
                 .context("cannot name the directory; pass --as NAME")?,
         };
-        if let Ok(dir) = hearth_backends::ModelDir::inspect(&path) {
+        let inspected = hearth_backends::ModelsRoot::new(&path)
+            .and_then(|root| hearth_backends::ModelDir::inspect(&path, &root));
+        if let Ok(dir) = inspected {
             println!("{}: {} model ({:?})", path.display(), dir.architecture, dir.head);
         }
         return store.import_dir(&path, &store_name, force);

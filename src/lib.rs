@@ -7,6 +7,7 @@ pub mod config;
 pub mod http;
 pub mod loader;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 

@@ -1,45 +1,41 @@
-//! The running server: shared state, background model loading, listening, graceful shutdown.
+//! The running server: background model loading and supervision, listening, and a graceful
+//! shutdown that lets queued work finish until a deadline.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
-use hearth_engine::registry::Registry;
-use metrics_exporter_prometheus::PrometheusHandle;
+use hearth_engine::registry::{ModelEntry, Served};
+use hearth_engine::BoxFuture;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::store::Store;
-use crate::{http, loader, telemetry};
+use crate::loader::Loader;
+use crate::state::AppState;
+use crate::{http, telemetry};
 
-/// Everything a request handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub registry: Arc<Registry>,
-    pub metrics: PrometheusHandle,
-}
-
-impl AppState {
-    /// Registers every configured model as loading; nothing is loaded yet.
-    pub fn new(config: Config) -> Self {
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let registry = Registry::new(config.models.iter().map(|m| (Arc::clone(&m.id), m.kind)), created);
-        Self { config: Arc::new(config), registry: Arc::new(registry), metrics: telemetry::metrics() }
-    }
-}
-
-/// Loads the configured models one after another (bounding peak memory and I/O), marking each
-/// ready or failed. A failed model does not stop the others; `/ready` reports it.
+/// Loads the configured models one after another (bounding peak memory and I/O), marking each ready
+/// or failed; entries that use another entry's model come last. A failed model does not stop the
+/// others; `/ready` reports it. Every loaded model is then supervised (see [`supervise`]).
 pub async fn load_models(state: AppState) {
-    let store = Store::new(state.config.models_dir.clone());
-    for model in &state.config.models {
-        let Some(entry) = state.registry.get(&model.id) else { continue };
+    let loader = Arc::new(Loader::new(&state));
+    let mut order: Vec<_> = state.config.models.iter().collect();
+    order.sort_by_key(|model| model.shares().is_some());
+    for model in order {
+        let Some(entry) = state.registry.get(&model.id).cloned() else { continue };
         let started = std::time::Instant::now();
-        match loader::load(model, &store).await {
+        match loader.load(model).await {
             Ok(served) => {
-                entry.set_ready(served);
+                let served = Arc::new(served);
+                entry.set_ready(Arc::clone(&served));
                 tracing::info!(model = %model.id, seconds = started.elapsed().as_secs_f32(), "model ready");
+                let (loader, config) = (Arc::clone(&loader), model.clone());
+                let reload = move || -> BoxFuture<'static, anyhow::Result<Served>> {
+                    let (loader, config) = (Arc::clone(&loader), config.clone());
+                    Box::pin(async move { loader.load(&config).await })
+                };
+                tokio::spawn(supervise(entry, served, reload, Backoff::default()));
             }
             Err(err) => {
                 let message = format!("{err:#}");
@@ -50,11 +46,57 @@ pub async fn load_models(state: AppState) {
     }
 }
 
+/// How long a supervisor waits before reloading a model: `first`, doubling after each failed
+/// attempt, up to `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { first: Duration::from_secs(1), max: Duration::from_secs(60) }
+    }
+}
+
+/// Watches a loaded model. When its owner thread dies (its requests already get 503 and `/ready`
+/// reports it failed), reloads it with `reload`, retrying with `backoff` until a load succeeds, then
+/// watches the new one.
+pub async fn supervise<F>(entry: Arc<ModelEntry>, mut served: Arc<Served>, reload: F, backoff: Backoff)
+where
+    F: Fn() -> BoxFuture<'static, anyhow::Result<Served>> + Send,
+{
+    loop {
+        served.failed().await;
+        tracing::error!(model = %entry.id, "the model's owner thread died; reloading it");
+        let mut delay = backoff.first;
+        loop {
+            tokio::time::sleep(delay).await;
+            entry.set_loading();
+            match reload().await {
+                Ok(new) => {
+                    served = Arc::new(new);
+                    entry.set_ready(Arc::clone(&served));
+                    tracing::info!(model = %entry.id, "model reloaded");
+                    break;
+                }
+                Err(err) => {
+                    let message = format!("{err:#}");
+                    tracing::error!(model = %entry.id, error = %message, retry_in = ?delay * 2, "reloading failed");
+                    entry.set_failed(message);
+                    delay = (delay * 2).min(backoff.max);
+                }
+            }
+        }
+    }
+}
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         TcpListener::bind(&address).await.with_context(|| format!("cannot listen on {address}"))?;
-    let state = AppState::new(config);
+    let state = AppState::new(config)?;
     telemetry::spawn_upkeep(state.metrics.clone());
     tracing::info!(
         address = %listener.local_addr()?,
@@ -63,19 +105,35 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "listening"
     );
     let loading = tokio::spawn(load_models(state.clone()));
-    axum::serve(listener, http::router(state.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server error")?;
+    let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
+    let serving = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
+        let _ = stop.await;
+    });
+    let mut server = tokio::spawn(async move { serving.await });
+    tokio::select! {
+        result = &mut server => return result?.context("server error"),
+        () = shutdown_signal() => {}
+    }
+    let timeout = state.config.server.shutdown_timeout;
+    let deadline = Instant::now() + timeout;
+    tracing::info!(timeout_secs = timeout.as_secs(), "shutting down: finishing queued work");
     loading.abort();
-    tracing::info!("finishing queued work");
+    let _ = stop_accepting.send(());
+    // Models refuse new work at once and answer what is still queued at the deadline with 503, so
+    // every open request ends by then.
     let registry = Arc::clone(&state.registry);
-    tokio::task::spawn_blocking(move || registry.shutdown()).await?;
+    let std_deadline = deadline.into_std();
+    let draining = tokio::task::spawn_blocking(move || registry.shutdown(std_deadline));
+    match tokio::time::timeout_at(deadline + Duration::from_secs(1), &mut server).await {
+        Ok(result) => result?.context("server error")?,
+        Err(_) => tracing::warn!("connections were still open after the shutdown deadline"),
+    }
+    draining.await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM; in-flight requests then finish before the process exits.
+/// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let interrupt = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -101,5 +159,5 @@ async fn shutdown_signal() {
         () = interrupt => {}
         () = terminate => {}
     }
-    tracing::info!("shutdown signal received; draining connections");
+    tracing::info!("shutdown signal received");
 }

@@ -2,10 +2,15 @@
 //! directories imported with `hearth models pull DIR`, and directories installed by
 //! `scripts/fetch-models`. Serving resolves a configured source to a local directory here, and only
 //! touches the network when a hub model is missing and downloads are allowed.
+//!
+//! Everything stays inside the models directory: store names and recorded paths must be plain
+//! relative paths, and replacing a copy never follows a symlink out (model files themselves are
+//! checked by `hearth_backends::ModelsRoot` when read).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use hearth_backends::is_plain_relative;
 use hf_hub::api::tokio::{ApiBuilder, Progress};
 use hf_hub::{Repo, RepoType};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -50,10 +55,17 @@ impl Store {
         self.hub_cache().join(".hearth").join(slug)
     }
 
-    /// The local directory of a pulled hub model, if every file it recorded is still there.
+    /// The local directory of a pulled hub model, if every file it recorded is still there. A
+    /// record whose paths would leave the hub cache is ignored.
     pub fn pulled(&self, repo: &str, revision: &str) -> Option<PathBuf> {
         let text = std::fs::read_to_string(self.record_path(repo, revision)).ok()?;
         let record: PullRecord = serde_json::from_str(&text).ok()?;
+        let plain = is_plain_relative(&record.snapshot)
+            && record.files.iter().all(|f| is_plain_relative(Path::new(f)));
+        if !plain {
+            tracing::warn!(repo, revision, "ignoring a pull record whose paths leave the hub cache");
+            return None;
+        }
         let dir = self.hub_cache().join(record.snapshot);
         record.files.iter().all(|f| dir.join(f).is_file()).then_some(dir)
     }
@@ -125,12 +137,19 @@ impl Store {
     }
 
     /// Copies a model directory into the store as `name` (hard links when on the same filesystem).
+    /// `name` is one plain path component; with `replace`, an existing entry of that name is
+    /// removed first (a symlink is removed itself, never what it points to).
     pub fn import_dir(&self, source: &Path, name: &str, replace: bool) -> anyhow::Result<PathBuf> {
         if !source.is_dir() {
             bail!("{} is not a directory", source.display());
         }
+        let single = Path::new(name).components().count() == 1;
+        if !single || !is_plain_relative(Path::new(name)) || name.starts_with('.') || name == "hub" {
+            bail!("`{name}` cannot name a model in the store: use one plain name (no `/`, `..`, leading `.`, or `hub`)");
+        }
         let target = self.root.join(name);
-        if target.exists() && !replace {
+        let existing = std::fs::symlink_metadata(&target).ok();
+        if existing.is_some() && !replace {
             bail!("{} already exists; pass --force to replace it", target.display());
         }
         std::fs::create_dir_all(&self.root)
@@ -155,8 +174,10 @@ impl Store {
             bar.inc(*len);
         }
         bar.finish_and_clear();
-        if target.exists() {
-            std::fs::remove_dir_all(&target)?;
+        match existing {
+            Some(meta) if meta.is_dir() => std::fs::remove_dir_all(&target)?,
+            Some(_) => std::fs::remove_file(&target)?, // a file or a symlink: only the entry itself goes
+            None => {}
         }
         std::fs::rename(&staging, &target)?;
         Ok(target)
@@ -286,6 +307,54 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.join("1_Pooling/config.json")).unwrap(), "{\"a\":1}");
         assert!(store.import_dir(source.path(), "m", false).is_err());
         assert!(store.import_dir(source.path(), "m", true).is_ok());
+    }
+
+    #[test]
+    fn import_names_cannot_leave_the_store() {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("config.json"), "{}").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path().join("models"));
+        for bad in ["../escape", "/tmp/abs", "a/b", "..", ".", ".hidden", "hub", ""] {
+            let err = store.import_dir(source.path(), bad, true).unwrap_err().to_string();
+            assert!(err.contains("cannot name a model"), "{bad}: {err}");
+        }
+        assert!(!root.path().join("escape").exists());
+    }
+
+    #[test]
+    fn force_replaces_a_symlink_without_touching_its_target() {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("config.json"), "{}").unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("precious"), "keep me").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("m")).unwrap();
+        let store = Store::new(root.path().to_owned());
+        assert!(store.import_dir(source.path(), "m", false).is_err(), "an existing link needs --force");
+        let dir = store.import_dir(source.path(), "m", true).unwrap();
+        assert!(dir.join("config.json").is_file() && !dir.is_symlink());
+        assert_eq!(std::fs::read_to_string(outside.path().join("precious")).unwrap(), "keep me");
+    }
+
+    #[test]
+    fn pull_records_that_leave_the_hub_cache_are_ignored() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path().to_owned());
+        std::fs::create_dir_all(root.path().join("elsewhere")).unwrap();
+        std::fs::write(root.path().join("elsewhere/config.json"), "{}").unwrap();
+        for snapshot in ["../elsewhere", "/etc"] {
+            let record = PullRecord {
+                repo: "org/name".into(),
+                revision: "main".into(),
+                snapshot: PathBuf::from(snapshot),
+                files: vec!["config.json".into()],
+            };
+            write_atomically(&store.record_path("org/name", "main"), &serde_json::to_vec(&record).unwrap())
+                .unwrap();
+            assert_eq!(store.pulled("org/name", "main"), None, "{snapshot}");
+        }
     }
 
     #[tokio::test]

@@ -78,6 +78,7 @@ fn describe() {
     describe_counter!("hearth_http_requests_total", "HTTP requests by route, model and status");
     describe_histogram!("hearth_http_request_duration_seconds", Unit::Seconds, "HTTP request latency");
     describe_gauge!("hearth_queue_depth", "Requests waiting in a model's queue");
+    describe_gauge!("hearth_preprocess_queue_depth", "Tokenization tasks waiting for a preprocessing thread");
     describe_histogram!("hearth_queue_wait_seconds", Unit::Seconds, "Time from queueing to first batch");
     describe_histogram!("hearth_batch_size", "Sequences per forward pass");
     describe_histogram!("hearth_batch_padded_tokens", "Padded tokens per forward pass");

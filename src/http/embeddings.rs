@@ -2,24 +2,26 @@
 //! `encoding_format` `float` or `base64` (little-endian f32, what the official SDKs request by
 //! default); optional `dimensions`.
 
+use std::fmt;
+
 use axum::extract::State;
 use axum::response::Response;
 use base64::Engine as _;
-use hearth_engine::embed::EmbedInput;
+use hearth_engine::embed::{Embed, EmbedInput};
 use hearth_engine::registry::Served;
 use hearth_engine::{ModelKind, Priority};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::Json;
 use super::{labelled, ready_model, Usage};
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 pub struct EmbeddingsRequest {
     model: String,
-    input: Value,
+    input: Input,
     #[serde(default)]
     encoding_format: EncodingFormat,
     dimensions: Option<usize>,
@@ -67,8 +69,7 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<Embedding
         let Served::Embedding(embedder) = &*served else {
             return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
         };
-        let input = parse_input(request.input)?;
-        let embeddings = embedder.embed(input, request.dimensions, Priority::Normal).await?;
+        let embeddings = embedder.embed(request.input.0, request.dimensions, Priority::Normal).await?;
         let data = embeddings
             .vectors
             .into_iter()
@@ -97,111 +98,208 @@ fn to_base64(vector: &[f32]) -> String {
 const INPUT_SHAPES: &str =
     "`input` must be a string, an array of strings, an array of token ids, or an array of token-id arrays";
 
-/// Classifies `input` by hand so each mistake gets a precise message.
-pub fn parse_input(input: Value) -> Result<EmbedInput, ApiError> {
-    let items = match input {
-        Value::String(text) => return Ok(EmbedInput::Texts(vec![text])),
-        Value::Array(items) => items,
-        _ => return Err(ApiError::invalid(INPUT_SHAPES, "input")),
-    };
-    let Some(first) = items.first() else {
-        return Err(ApiError::invalid("`input` must not be an empty array", "input"));
-    };
-    match first {
-        Value::String(_) => items
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(text) => Ok(text),
-                _ => Err(ApiError::invalid(
-                    format!("`input[{i}]` must be a string like the other items"),
-                    "input",
-                )),
-            })
-            .collect::<Result<_, _>>()
-            .map(EmbedInput::Texts),
-        Value::Number(_) => token_ids(&items, "input").map(|ids| EmbedInput::TokenIds(vec![ids])),
-        Value::Array(_) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::Array(ids) if !ids.is_empty() => token_ids(ids, &format!("input[{i}]")),
-                Value::Array(_) => {
-                    Err(ApiError::invalid(format!("`input[{i}]` is an empty token array"), "input"))
-                }
-                _ => Err(ApiError::invalid(
-                    format!("`input[{i}]` must be a token-id array like the other items"),
-                    "input",
-                )),
-            })
-            .collect::<Result<_, _>>()
-            .map(EmbedInput::TokenIds),
-        _ => Err(ApiError::invalid(INPUT_SHAPES, "input")),
+/// `input`, read straight from the JSON into one of its four shapes. Every item must have the shape
+/// of the first; mistakes are named by position.
+pub struct Input(pub EmbedInput);
+
+impl<'de> Deserialize<'de> for Input {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(InputVisitor)
     }
 }
 
-fn token_ids(items: &[Value], path: &str) -> Result<Vec<u32>, ApiError> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            item.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                ApiError::invalid(
-                    format!("`{path}[{i}]` must be a token id (a non-negative integer), got {item}"),
-                    "input",
-                )
-            })
-        })
-        .collect()
+struct InputVisitor;
+
+impl<'de> Visitor<'de> for InputVisitor {
+    type Value = Input;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(INPUT_SHAPES)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Input, E> {
+        Ok(Input(EmbedInput::Texts(vec![text.to_owned()])))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Input, E> {
+        Ok(Input(EmbedInput::Texts(vec![text])))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Input, A::Error> {
+        let unlike = |i: usize, what: &str| {
+            de::Error::custom(format!("`input[{i}]` must be {what} like the other items"))
+        };
+        let input = match seq.next_element::<Item>()? {
+            None => return Err(de::Error::custom("`input` must not be an empty array")),
+            Some(Item::Text(first)) => {
+                let mut texts = vec![first];
+                while let Some(item) = seq.next_element::<Item>()? {
+                    match item {
+                        Item::Text(text) => texts.push(text),
+                        _ => return Err(unlike(texts.len(), "a string")),
+                    }
+                }
+                EmbedInput::Texts(texts)
+            }
+            Some(Item::Id(first)) => {
+                let mut ids = vec![first];
+                while let Some(item) = seq.next_element::<Item>()? {
+                    match item {
+                        Item::Id(id) => ids.push(id),
+                        _ => return Err(unlike(ids.len(), "a token id")),
+                    }
+                }
+                EmbedInput::TokenIds(vec![ids])
+            }
+            Some(Item::Ids(first)) => {
+                let mut arrays = vec![first];
+                while let Some(item) = seq.next_element::<Item>()? {
+                    match item {
+                        Item::Ids(ids) => arrays.push(ids),
+                        _ => return Err(unlike(arrays.len(), "a token-id array")),
+                    }
+                }
+                EmbedInput::TokenIds(arrays)
+            }
+        };
+        Ok(Input(input))
+    }
+}
+
+/// One item of an `input` array.
+enum Item {
+    Text(String),
+    Id(u32),
+    Ids(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ItemVisitor)
+    }
+}
+
+struct ItemVisitor;
+
+impl<'de> Visitor<'de> for ItemVisitor {
+    type Value = Item;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string, a token id (a non-negative integer) or an array of token ids")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Item, E> {
+        Ok(Item::Text(text.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Item, E> {
+        Ok(Item::Text(text))
+    }
+
+    fn visit_u64<E: de::Error>(self, id: u64) -> Result<Item, E> {
+        TokenIdVisitor.visit_u64(id).map(Item::Id)
+    }
+
+    fn visit_i64<E: de::Error>(self, id: i64) -> Result<Item, E> {
+        TokenIdVisitor.visit_i64(id).map(Item::Id)
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Item, E> {
+        TokenIdVisitor.visit_f64(value).map(Item::Id)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+        let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(TokenId(id)) = seq.next_element()? {
+            ids.push(id);
+        }
+        if ids.is_empty() {
+            return Err(de::Error::custom("is an empty token array"));
+        }
+        Ok(Item::Ids(ids))
+    }
+}
+
+struct TokenId(u32);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TokenIdVisitor).map(TokenId)
+    }
+}
+
+struct TokenIdVisitor;
+
+impl Visitor<'_> for TokenIdVisitor {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a token id (a non-negative integer below 2^32)")
+    }
+
+    fn visit_u64<E: de::Error>(self, id: u64) -> Result<u32, E> {
+        u32::try_from(id).map_err(|_| E::custom(format!("token id {id} is not below 2^32")))
+    }
+
+    fn visit_i64<E: de::Error>(self, id: i64) -> Result<u32, E> {
+        u64::try_from(id)
+            .map_err(|_| E::custom(format!("must be a token id (a non-negative integer), got {id}")))
+            .and_then(|id| self.visit_u64(id))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<u32, E> {
+        Err(E::custom(format!("must be a token id (a non-negative integer), got {value}")))
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
-    fn texts(v: Value) -> Vec<String> {
-        match parse_input(v).unwrap() {
+    fn parse(json: &str) -> Result<EmbedInput, String> {
+        serde_json::from_str::<Input>(json).map(|input| input.0).map_err(|e| e.to_string())
+    }
+
+    fn texts(json: &str) -> Vec<String> {
+        match parse(json).unwrap() {
             EmbedInput::Texts(t) => t,
             EmbedInput::TokenIds(_) => panic!("expected texts"),
         }
     }
 
-    fn ids(v: Value) -> Vec<Vec<u32>> {
-        match parse_input(v).unwrap() {
+    fn ids(json: &str) -> Vec<Vec<u32>> {
+        match parse(json).unwrap() {
             EmbedInput::TokenIds(t) => t,
             EmbedInput::Texts(_) => panic!("expected token ids"),
         }
     }
 
-    fn error(v: Value) -> String {
-        match parse_input(v) {
-            Err(ApiError::InvalidRequest { message, .. }) => message,
-            Err(other) => panic!("unexpected {other:?}"),
-            Ok(_) => panic!("expected an error"),
-        }
-    }
-
     #[test]
     fn every_input_shape() {
-        assert_eq!(texts(json!("a")), ["a"]);
-        assert_eq!(texts(json!(["a", "b"])), ["a", "b"]);
-        assert_eq!(ids(json!([1, 2, 3])), [vec![1, 2, 3]]);
-        assert_eq!(ids(json!([[1], [2, 3]])), [vec![1], vec![2, 3]]);
+        assert_eq!(texts(r#""a""#), ["a"]);
+        assert_eq!(texts(r#"["a", "b"]"#), ["a", "b"]);
+        assert_eq!(ids("[1, 2, 3]"), [vec![1, 2, 3]]);
+        assert_eq!(ids("[[1], [2, 3]]"), [vec![1], vec![2, 3]]);
     }
 
     #[test]
     fn bad_inputs_say_what_is_wrong() {
-        assert!(error(json!([])).contains("empty array"));
-        assert!(error(json!(["a", 1])).contains("input[1]"));
-        assert!(error(json!([1, -2])).contains("input[1]"));
-        assert!(error(json!([1, 2.5])).contains("input[1]"));
-        assert!(error(json!([[1], []])).contains("empty token array"));
-        assert!(error(json!([[1], [4294967296u64]])).contains("input[1][0]"));
-        assert!(error(json!({"text": "a"})).contains("must be a string"));
-        assert!(error(json!(null)).contains("must be a string"));
-        assert!(error(json!([null])).contains("must be a string"));
+        for (json, expected) in [
+            ("[]", "empty array"),
+            (r#"["a", 1]"#, "`input[1]` must be a string"),
+            ("[1, -2]", "got -2"),
+            ("[1, 2.5]", "got 2.5"),
+            ("[[1], []]", "empty token array"),
+            ("[[1], [4294967296]]", "not below 2^32"),
+            ("[[1], 2]", "`input[1]` must be a token-id array"),
+            (r#"{"text": "a"}"#, "must be a string"),
+            ("null", "must be a string"),
+            ("[null]", "a string, a token id"),
+            ("5", "must be a string"),
+        ] {
+            let err = parse(json).unwrap_err();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
     }
 
     #[test]

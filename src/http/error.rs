@@ -19,9 +19,13 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
-    /// A body that is not JSON (415).
+    /// A body that is not JSON (415); `None`: no `Content-Type` at all.
     UnsupportedMediaType {
-        content_type: String,
+        content_type: Option<String>,
+    },
+    /// A `Host` that is not this server's, while it listens on loopback (DNS rebinding, 403).
+    HostNotAllowed {
+        host: String,
     },
     /// The body is larger than `server.max_request_body_bytes` (413).
     PayloadTooLarge {
@@ -82,6 +86,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } | Self::WrongModelKind { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -102,6 +107,7 @@ impl ApiError {
     fn code(&self) -> Option<&'static str> {
         match self {
             Self::InvalidRequest { .. } | Self::UnsupportedMediaType { .. } => None,
+            Self::HostNotAllowed { .. } => Some("host_not_allowed"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
@@ -126,9 +132,18 @@ impl ApiError {
     fn message(&self) -> String {
         match self {
             Self::InvalidRequest { message, .. } | Self::Overloaded { message } => message.clone(),
-            Self::UnsupportedMediaType { content_type } => {
-                format!("Content-Type `{content_type}` is not supported; send `application/json`")
+            Self::UnsupportedMediaType { content_type: Some(content_type) } => {
+                format!(
+                    "Content-Type `{content_type}` is not supported; send `Content-Type: application/json`"
+                )
             }
+            Self::UnsupportedMediaType { content_type: None } => {
+                "The request has no Content-Type; send `Content-Type: application/json`".into()
+            }
+            Self::HostNotAllowed { host } => format!(
+                "Host `{host}` is not allowed: this server answers its loopback names and IP addresses, and \
+                 the hosts in `server.allowed_hosts`"
+            ),
             Self::PayloadTooLarge { limit } => {
                 format!("The request body is larger than this server's limit of {limit} bytes")
             }
@@ -142,7 +157,7 @@ impl ApiError {
                 format!("The model `{model}` is still loading; retry shortly")
             }
             Self::ModelNotReady { model, failed: true } => {
-                format!("The model `{model}` failed to load; see the server log")
+                format!("The model `{model}` is unavailable: it failed (see the server log) and may be restarting")
             }
             Self::ShuttingDown => "The server is shutting down".into(),
             Self::Internal { .. } => "The server had an error while processing your request".into(),
@@ -192,14 +207,18 @@ impl From<EngineError> for ApiError {
             | EngineError::Tokenize { subject, .. } => {
                 Self::InvalidRequest { message, param: Some(subject_param(subject)) }
             }
+            EngineError::TooManyTokens { .. } => Self::InvalidRequest { message, param: None },
             EngineError::TooManyInputs { what, .. } => Self::InvalidRequest {
                 message,
                 param: Some(if what == "documents" { "documents" } else { "input" }.into()),
             },
             EngineError::InvalidDimensions { .. } => Self::invalid(message, "dimensions"),
-            EngineError::Overloaded { .. } => Self::Overloaded { message },
+            EngineError::Overloaded { .. } | EngineError::PreprocessingBusy { .. } => {
+                Self::Overloaded { message }
+            }
             EngineError::ShuttingDown { .. } => Self::ShuttingDown,
-            EngineError::Backend { .. } => Self::Internal { cause: message },
+            EngineError::ModelFailed { model } => Self::ModelNotReady { model, failed: true },
+            EngineError::Backend { .. } | EngineError::Internal { .. } => Self::Internal { cause: message },
         }
     }
 }

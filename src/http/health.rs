@@ -1,5 +1,6 @@
 //! Liveness (`/health`), readiness (`/ready`: every configured model loaded) and Prometheus
-//! metrics (`/metrics`).
+//! metrics (`/metrics`). These answer without authentication, so `/ready` says only each model's
+//! state: why a model failed (file paths, internal errors) goes to the log.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -7,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use hearth_engine::registry::LoadState;
 use serde::Serialize;
 
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub async fn health() -> Response {
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
@@ -24,29 +25,19 @@ struct ModelReadiness {
     id: String,
     kind: &'static str,
     state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let models: Vec<ModelReadiness> = state
-        .registry
-        .entries()
+    let states: Vec<_> = state.registry.entries().iter().map(|entry| (entry, entry.state())).collect();
+    let all_ready = states.iter().all(|(_, load)| matches!(load, LoadState::Ready(_)));
+    let models = states
         .iter()
-        .map(|entry| {
-            let load = entry.state();
-            ModelReadiness {
-                id: entry.id.to_string(),
-                kind: entry.kind.as_str(),
-                state: load.as_str(),
-                error: match load {
-                    LoadState::Failed(message) => Some(message.to_string()),
-                    _ => None,
-                },
-            }
+        .map(|(entry, load)| ModelReadiness {
+            id: entry.id.to_string(),
+            kind: entry.kind.as_str(),
+            state: load.as_str(),
         })
         .collect();
-    let all_ready = models.iter().all(|m| m.state == "ready");
     let status = if all_ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = Readiness { status: if all_ready { "ready" } else { "not_ready" }, models };
     (status, axum::Json(body)).into_response()

@@ -1,7 +1,8 @@
 //! A JSON body extractor whose failures are OpenAI-shaped: malformed JSON and wrong field types are
-//! 400s naming the field, a body over the limit is 413, a non-JSON content type is 415. A missing
-//! `Content-Type`, and curl's default for `-d` (`application/x-www-form-urlencoded`), are read as
-//! JSON, so a bare `curl -d '{…}'` works.
+//! 400s naming the field, a body over the limit is 413, and anything but a JSON `Content-Type` is
+//! 415, before the body is read. Only `application/json` (or `…+json`) is accepted: a web page can
+//! make a browser send form, text or untyped bodies to any address without asking first (no CORS
+//! preflight), and none of those must reach a model.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -17,15 +18,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        if let Some(content_type) = request.headers().get(CONTENT_TYPE) {
-            let text = content_type.to_str().unwrap_or("");
-            let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            let json_like = essence == "application/json"
-                || essence.ends_with("+json")
-                || essence == "application/x-www-form-urlencoded";
-            if !json_like {
-                return Err(ApiError::UnsupportedMediaType { content_type: text.into() });
-            }
+        let Some(content_type) = request.headers().get(CONTENT_TYPE) else {
+            return Err(ApiError::UnsupportedMediaType { content_type: None });
+        };
+        let text = String::from_utf8_lossy(content_type.as_bytes()).into_owned();
+        let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let is_json = essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType { content_type: Some(text) });
         }
         let limit_hint = request.extensions().get::<BodyLimit>().map(|l| l.0);
         let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
@@ -60,9 +61,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = err.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let param = (path != ".").then(|| path.clone());
+                // `param` names the top-level field; the message has the full path.
+                let param = (path != ".").then(|| path.split(['.', '[']).next().unwrap_or("").to_string());
                 let message = match &param {
-                    Some(p) => format!("Invalid value for `{p}`: {inner}"),
+                    Some(_) => format!("Invalid value for `{path}`: {inner}"),
                     None => format!("Invalid request body: {inner}"),
                 };
                 ApiError::InvalidRequest { message, param }

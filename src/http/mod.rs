@@ -1,8 +1,10 @@
 //! The HTTP API: one module per endpoint family, assembled into one router with request ids,
-//! tracing, per-route metrics, CORS, a body limit and OpenAI-shaped errors for everything.
+//! tracing, per-route metrics, the `Host` check, CORS, per-route admission, a body limit and
+//! OpenAI-shaped errors for everything.
 
 pub mod embeddings;
 pub mod error;
+pub mod guard;
 pub mod health;
 pub mod json;
 pub mod models;
@@ -26,8 +28,9 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use self::error::ApiError;
+use self::guard::{HostPolicy, RouteLimit};
 use self::json::BodyLimit;
-use crate::server::AppState;
+use crate::state::AppState;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -69,12 +72,18 @@ pub fn labelled(state: &AppState, model: &str, result: Result<impl IntoResponse,
 }
 
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.config.server.max_request_body_bytes;
-    let cors = cors_layer(&state.config.server.cors_allowed_origins);
+    let server = &state.config.server;
+    let body_limit = server.max_request_body_bytes;
+    let cors = cors_layer(&server.cors_allowed_origins);
+    let hosts = HostPolicy::new(server);
+    let per_route = server.max_concurrent_requests_per_route;
+    let limited = |route: &'static str| {
+        middleware::from_fn_with_state(RouteLimit::new(route, per_route), guard::limit_route)
+    };
     let routes = Router::new()
-        .route("/v1/embeddings", post(embeddings::create))
-        .route("/v1/rerank", post(rerank::create))
-        .route("/rerank", post(rerank::create))
+        .route("/v1/embeddings", post(embeddings::create).layer(limited("/v1/embeddings")))
+        .route("/v1/rerank", post(rerank::create).layer(limited("/v1/rerank")))
+        .route("/rerank", post(rerank::create).layer(limited("/rerank")))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
         .route("/v1/models/{*id}", get(models::retrieve))
@@ -87,12 +96,14 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(BodyLimit(body_limit)))
         .with_state(state);
-    // CORS sits inside the request-id and trace layers so preflights get ids and log lines too.
+    // CORS and the Host check sit inside the request-id and trace layers so refusals and preflights
+    // get ids and log lines too; the Host check comes first, so a rebound name gets no CORS answer.
     let routes = match cors {
         Some(cors) => routes.layer(cors),
         None => routes,
     };
     routes
+        .layer(middleware::from_fn_with_state(hosts, guard::check_host))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request| {
@@ -118,6 +129,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
+        // Config validation has refused every origin that is not a valid header value.
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     Some(
@@ -146,7 +158,7 @@ async fn track(path: MatchedPath, request: Request, next: Next) -> Response {
 }
 
 /// Requests that reach no handler are counted under `route="unmatched"` (paths are unbounded).
-fn count_unmatched(status: &'static str) {
+pub(crate) fn count_unmatched(status: &'static str) {
     metrics::counter!("hearth_http_requests_total", "route" => "unmatched", "model" => "", "status" => status)
         .increment(1);
 }

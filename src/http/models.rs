@@ -7,7 +7,7 @@ use hearth_engine::registry::{LoadState, ModelEntry, Served};
 use serde::Serialize;
 
 use super::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Serialize)]
 pub struct ModelObject {

@@ -2,23 +2,26 @@
 //! strings or `{"text": …}` objects, `top_n`, `return_documents` — answered with `results` sorted
 //! by `relevance_score`, highest first.
 
+use std::fmt;
+
 use axum::extract::State;
 use axum::response::Response;
 use hearth_engine::registry::Served;
+use hearth_engine::rerank::Rerank;
 use hearth_engine::{ModelKind, Priority};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::Json;
 use super::{labelled, ready_model, Usage};
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 pub struct RerankRequest {
     model: String,
     query: String,
-    documents: Vec<Value>,
+    documents: Vec<DocumentText>,
     top_n: Option<usize>,
     #[serde(default)]
     return_documents: bool,
@@ -63,7 +66,7 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<RerankReq
         if request.top_n == Some(0) {
             return Err(ApiError::invalid("`top_n` must be at least 1", "top_n"));
         }
-        let documents = document_texts(request.documents)?;
+        let documents: Vec<String> = request.documents.into_iter().map(|d| d.0).collect();
         let texts_for_response = request.return_documents.then(|| documents.clone());
         let scored = reranker.rerank(request.query, documents, Priority::Normal).await?;
         let mut ranked: Vec<(usize, f32)> = scored.scores.into_iter().enumerate().collect();
@@ -88,23 +91,58 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<RerankReq
     labelled(&state, &request.model, result)
 }
 
-fn document_texts(documents: Vec<Value>) -> Result<Vec<String>, ApiError> {
-    documents
-        .into_iter()
-        .enumerate()
-        .map(|(i, document)| match document {
-            Value::String(text) => Ok(text),
-            Value::Object(mut fields) => match fields.remove("text") {
-                Some(Value::String(text)) => Ok(text),
-                _ => Err(ApiError::invalid(
-                    format!("`documents[{i}]` is an object without a `text` string"),
-                    "documents",
-                )),
-            },
-            _ => Err(ApiError::invalid(
-                format!("`documents[{i}]` must be a string or an object with a `text` string"),
-                "documents",
-            )),
-        })
-        .collect()
+/// A document: a string, or an object with a `text` string (other fields, as Cohere's structured
+/// documents have, are ignored).
+#[derive(Debug)]
+struct DocumentText(String);
+
+impl<'de> Deserialize<'de> for DocumentText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DocumentVisitor)
+    }
+}
+
+struct DocumentVisitor;
+
+impl<'de> Visitor<'de> for DocumentVisitor {
+    type Value = DocumentText;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or an object with a `text` string")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<DocumentText, E> {
+        Ok(DocumentText(text.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<DocumentText, E> {
+        Ok(DocumentText(text))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DocumentText, A::Error> {
+        let mut text = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "text" {
+                text = Some(map.next_value::<String>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        text.map(DocumentText).ok_or_else(|| de::Error::custom("is an object without a `text` string"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_strings_or_objects_with_text() {
+        let parse = |json: &str| serde_json::from_str::<Vec<DocumentText>>(json).map_err(|e| e.to_string());
+        let docs = parse(r#"["a", {"text": "b", "title": "ignored"}]"#).unwrap();
+        assert_eq!(docs.into_iter().map(|d| d.0).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(parse(r#"[{"title": "x"}]"#).unwrap_err().contains("without a `text` string"));
+        assert!(parse(r#"[{"text": 5}]"#).unwrap_err().contains("invalid type"));
+        assert!(parse("[5]").unwrap_err().contains("a string or an object"));
+    }
 }

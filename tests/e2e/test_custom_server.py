@@ -1,6 +1,8 @@
 """A second server, configured only through HEARTH_* environment variables, serving:
 
   mymodel          a directory imported with `hearth models pull DIR --as mymodel` (32 dims)
+                   (MiniLM is imported the same way, as `minilm`: configs name models inside the
+                   models directory, never paths outside it)
   minilm-overload  MiniLM with max_concurrent_requests = 2 and queue_depth = 1
   minilm-truncate  MiniLM with truncate = true and max_inputs_per_request = 4
   org/tiny-embed   the imported directory again, under an id with a slash
@@ -40,17 +42,19 @@ TINY = FIXTURES / "models" / "tiny-bert-embed"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A fresh model store holding the tiny model, imported by `hearth models pull DIR`."""
+    """A fresh model store holding the tiny model and MiniLM, imported by `hearth models pull DIR`."""
     root = tmp_path_factory.mktemp("store")
     result = run_cli("models", "pull", str(TINY), "--models-dir", str(root), "--as", "mymodel", env=base_env())
     assert result.returncode == 0, f"pull failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    minilm = run_cli("models", "pull", str(models_dir() / EMBED_MODEL), "--models-dir", str(root), "--as", "minilm", env=base_env())
+    assert minilm.returncode == 0, f"pull failed ({minilm.returncode}):\n{minilm.stdout}\n{minilm.stderr}"
     return root, result
 
 
 @pytest.fixture(scope="module")
 def setup(store, tmp_path_factory, log_dir):
     root, _ = store
-    minilm = models_dir() / EMBED_MODEL
+    minilm = "minilm"
     config_port = free_port()
     config = tmp_path_factory.mktemp("config") / "custom.toml"
     # models_dir, host, port and [logging] here are each overridden by a HEARTH_* variable below.

@@ -48,13 +48,34 @@ def test_non_json_content_type_is_415(http):
     assert_error_shape(response, 415)
 
 
-@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "application/json; charset=utf-8"])
-def test_json_without_a_json_content_type_is_read(http, content_type):
-    headers = {} if content_type is None else {"content-type": content_type}
+def test_json_with_a_charset_is_read(http):
     body = b'{"model": "%s", "input": "hello", "encoding_format": "float"}' % EMBED_MODEL.encode()
-    response = http.post("/v1/embeddings", content=body, headers=headers)
+    response = http.post("/v1/embeddings", content=body, headers={"content-type": "application/json; charset=utf-8"})
     assert response.status_code == 200, response.text
     assert len(response.json()["data"][0]["embedding"]) == 384
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_bodies_a_web_page_can_send_without_preflight_are_415(http, content_type):
+    # A form or an untyped fetch() from any web page reaches a local server without a CORS
+    # preflight; Hearth reads only JSON-typed bodies, so such a request never reaches a model.
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = b'{"model": "%s", "input": "hello"}' % EMBED_MODEL.encode()
+    error = assert_error_shape(http.post("/v1/embeddings", content=body, headers=headers), 415)
+    assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "rebound.attacker.test"])
+def test_a_rebound_host_name_is_refused_over_the_socket(http, host):
+    # DNS rebinding: the browser connects to 127.0.0.1 but names the attacker's host.
+    response = http.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"}, headers={"host": host})
+    assert_error_shape(response, 403, code="host_not_allowed")
+    preflight = http.options(
+        "/v1/embeddings",
+        headers={"host": host, "origin": f"http://{host}", "access-control-request-method": "POST"},
+    )
+    assert preflight.status_code == 403
+    assert "access-control-allow-origin" not in preflight.headers
 
 
 @pytest.mark.parametrize("method, path", [("GET", "/v1/nothing"), ("POST", "/v1/chat/nope"), ("GET", "/")])

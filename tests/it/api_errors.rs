@@ -95,17 +95,30 @@ async fn body_over_the_limit_is_413() {
 async fn content_types_routes_and_methods() {
     let app = tiny_app().await;
     let body = json!({"model": "tiny-embed", "input": "x"}).to_string();
-    for content_type in
-        [None, Some("application/json; charset=utf-8"), Some("application/x-www-form-urlencoded")]
-    {
-        let reply = app.post_raw("/v1/embeddings", body.clone(), content_type).await;
+    for content_type in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/vnd.api+json",
+    ] {
+        let reply = app.post_raw("/v1/embeddings", body.clone(), Some(content_type)).await;
         assert_eq!(reply.status, StatusCode::OK, "{content_type:?}: {}", reply.text);
     }
-    app.post_raw("/v1/embeddings", body.clone(), Some("text/csv")).await.assert_error(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+    // What a web page can make a browser send anywhere without a CORS preflight (form, text and
+    // untyped bodies) never reaches a model.
+    for content_type in [
         None,
-        None,
-    );
+        Some("application/x-www-form-urlencoded"),
+        Some("text/plain"),
+        Some("text/plain; charset=utf-8"),
+        Some("multipart/form-data; boundary=x"),
+        Some("text/csv"),
+        Some("text/json"),
+    ] {
+        let reply = app.post_raw("/v1/embeddings", body.clone(), content_type).await;
+        reply.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None, None);
+        assert!(reply.message().contains("application/json"), "{content_type:?}: {}", reply.text);
+    }
     app.get("/v1/nothing-here").await.assert_error(StatusCode::NOT_FOUND, None, Some("unknown_url"));
     app.get("/v1/embeddings").await.assert_error(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -76,8 +76,10 @@ async fn base64_encodes_the_same_little_endian_floats() {
     }
 }
 
+/// A property of `dimensions` (not a reference check): the short vector is the full one's first
+/// dimensions, re-normalised.
 #[tokio::test]
-async fn dimensions_truncate_then_renormalise() {
+async fn property_dimensions_truncate_then_renormalise() {
     let app = tiny_app().await;
     let full = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple"})).await;
     let short = app
@@ -100,13 +102,20 @@ async fn dimensions_truncate_then_renormalise() {
 async fn long_inputs_are_refused_unless_truncation_is_configured() {
     let long = "red apple ".repeat(40);
     let app = tiny_app().await;
-    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", long]})).await;
+    let reply = app
+        .post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", "red apple ".repeat(12)]}))
+        .await;
     reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
     assert!(
-        reply.message().contains("input[1] has 82 tokens, more than the model's limit of 24"),
+        reply.message().contains("input[1] has 26 tokens, more than the model's limit of 24"),
         "{}",
         reply.text
     );
+    // Far over the limit, only a prefix is tokenized: the count is a floor.
+    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", long]})).await;
+    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+    assert!(reply.message().contains("input[1] has at least"), "{}", reply.text);
+    assert!(reply.message().contains("more than the model's limit of 24"), "{}", reply.text);
     let ids: Vec<u32> = vec![5; 30];
     let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": [ids]})).await;
     reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);

@@ -4,8 +4,10 @@
 
 mod api_errors;
 mod embeddings;
+mod lifecycle;
 mod operations;
 #[cfg(feature = "real-weights")]
 mod real_weights;
 mod rerank;
+mod security;
 mod support;

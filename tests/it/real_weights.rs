@@ -10,11 +10,16 @@ use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 use hearth_engine::Subject;
 use serde_json::{json, Value};
 
-use crate::support::{app, cosine, floats};
+use hearth_engine::vector::cosine;
+
+use crate::support::{app, floats};
+
+fn models_root() -> PathBuf {
+    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir)
+}
 
 fn model_dir() -> PathBuf {
-    let root = std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir);
-    let dir = root.join("all-minilm-l6-v2");
+    let dir = models_root().join("all-minilm-l6-v2");
     assert!(
         dir.join("model.safetensors").is_file(),
         "{} is missing: run `scripts/fetch-models` first (these tests need the real weights)",
@@ -30,9 +35,14 @@ fn reference_cases() -> Vec<Value> {
 }
 
 async fn minilm(truncate: bool) -> crate::support::App {
+    minilm_in(truncate, "f32").await
+}
+
+async fn minilm_in(truncate: bool, dtype: &str) -> crate::support::App {
+    assert!(model_dir().is_dir());
     app(&format!(
-        "[[models]]\nid = \"minilm\"\npreset = \"all-minilm-l6-v2\"\nsource = \"{}\"\ndevice = \"cpu\"\ntruncate = {truncate}\n",
-        model_dir().display()
+        "models_dir = \"{}\"\n[[models]]\nid = \"minilm\"\npreset = \"all-minilm-l6-v2\"\nsource = \"all-minilm-l6-v2\"\ndevice = \"cpu\"\ndtype = \"{dtype}\"\ntruncate = {truncate}\n",
+        models_root().display()
     ))
     .await
 }
@@ -47,6 +57,24 @@ fn tokenization_matches_the_reference_tokenizer() {
         let expected: Vec<u32> =
             case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(sequence.ids, expected, "{}", case["text"]);
+    }
+}
+
+/// Against ids recorded from a tokenizer Hearth shares no code with (transformers' pure-Python
+/// `BertTokenizer`; `scripts/reference/gen_tokenizer_reference.py`), on hard texts.
+#[test]
+fn tokenization_matches_an_independent_wordpiece_implementation() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm-tokenizer-reference.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tokenizer = TextTokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
+    let policy = LengthPolicy { max_tokens: 100_000, truncate: false };
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let sequence = tokenizer.encode(text, policy, Subject::Input(0)).unwrap();
+        let expected: Vec<u32> =
+            case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(sequence.ids, expected, "{text:?}");
     }
 }
 
@@ -67,6 +95,25 @@ async fn embeddings_match_the_numpy_reference() {
         assert!(similarity > 1.0 - 1e-4, "{}: cosine {similarity}", case["text"]);
         let norm = actual.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "normalised: {norm}");
+    }
+}
+
+/// The GPU dtypes, run on the CPU: f16 and bf16 stay close to the float64 reference (the NaN that
+/// candle-transformers' BERT mask gave in half precision would fail this outright).
+#[tokio::test]
+async fn half_precision_embeddings_stay_close_to_the_numpy_reference() {
+    let cases = reference_cases();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    for (dtype, min_cosine) in [("f16", 0.9999), ("bf16", 0.999)] {
+        let app = minilm_in(true, dtype).await;
+        let reply = app.post("/v1/embeddings", json!({"model": "minilm", "input": texts})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{dtype}: {}", reply.text);
+        let mut worst = 1.0f32;
+        for (item, case) in reply.body["data"].as_array().unwrap().iter().zip(&cases) {
+            worst = worst.min(cosine(&floats(&item["embedding"]), &floats(&case["embedding"])));
+        }
+        eprintln!("{dtype}: worst cosine to the float64 reference {worst}");
+        assert!(worst > min_cosine, "{dtype}: worst cosine {worst}");
     }
 }
 

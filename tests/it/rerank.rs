@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use crate::support::{cosine, floats, reference, tiny_app};
+use hearth_engine::vector::cosine;
+
+use crate::support::{floats, reference, tiny_app};
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -60,26 +62,31 @@ async fn xlm_roberta_cross_encoder_scores_match_the_reference() {
     check_cross_encoder("tiny-rerank-xlmr", "tiny-xlmr-reranker").await;
 }
 
+/// A property (not a reference check; the embeddings themselves are checked against numpy in
+/// `embeddings.rs`): a bi-encoder's scores are the cosines of the same model's embeddings, whether
+/// the reranker loads the weights itself (`tiny-bi`) or shares the embedding entry's (`tiny-shared-bi`).
 #[tokio::test]
-async fn bi_encoder_scores_are_cosines_of_the_models_embeddings() {
+async fn property_bi_encoder_scores_are_cosines_of_the_models_embeddings() {
     let app = tiny_app().await;
     let query = "what is the capital of france";
     let documents = ["paris is the capital of france", "the lazy dog", "rain in the park"];
-    let reply =
-        app.post("/rerank", json!({"model": "tiny-bi", "query": query, "documents": documents})).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     let mut input = vec![query];
     input.extend(documents);
     let embedded = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": input})).await;
     let vectors: Vec<Vec<f32>> =
         embedded.body["data"].as_array().unwrap().iter().map(|d| floats(&d["embedding"])).collect();
-    for result in reply.body["results"].as_array().unwrap() {
-        let index = result["index"].as_u64().unwrap() as usize;
-        let expected = cosine(&vectors[0], &vectors[index + 1]);
-        let actual = result["relevance_score"].as_f64().unwrap() as f32;
-        assert!((actual - expected).abs() < 1e-5, "doc {index}: {actual} vs {expected}");
+    for model in ["tiny-bi", "tiny-shared-bi"] {
+        let reply =
+            app.post("/rerank", json!({"model": model, "query": query, "documents": documents})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        for result in reply.body["results"].as_array().unwrap() {
+            let index = result["index"].as_u64().unwrap() as usize;
+            let expected = cosine(&vectors[0], &vectors[index + 1]);
+            let actual = result["relevance_score"].as_f64().unwrap() as f32;
+            assert!((actual - expected).abs() < 1e-5, "{model} doc {index}: {actual} vs {expected}");
+        }
+        assert_eq!(reply.body["usage"]["total_tokens"], embedded.body["usage"]["total_tokens"]);
     }
-    assert_eq!(reply.body["usage"]["total_tokens"], embedded.body["usage"]["total_tokens"]);
 }
 
 #[tokio::test]

@@ -7,13 +7,19 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::Router;
 use hearth::config::{Config, Overrides};
-use hearth::server::{load_models, AppState};
+use hearth::server::load_models;
+use hearth::state::AppState;
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+/// The models directory of the tiny fixture models.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    fixtures().join(name)
 }
 
 pub fn reference(name: &str) -> Value {
@@ -21,48 +27,53 @@ pub fn reference(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// A config serving the tiny fixtures: two embedders, two cross-encoders, one bi-encoder reranker.
+/// A config serving the tiny fixtures: two embedders, two cross-encoders, one bi-encoder reranker
+/// with weights of its own, and one sharing `tiny-embed`'s.
 pub fn tiny_config(extra: &str) -> String {
     format!(
         r#"
+        models_dir = "{models_dir}"
+
         [server]
         max_request_body_bytes = 65536
 
         [[models]]
         id = "tiny-embed"
         kind = "embedding"
-        source = "{bert_embed}"
+        source = "tiny-bert-embed"
         device = "cpu"
 
         [[models]]
         id = "tiny-xlmr-embed"
         kind = "embedding"
-        source = "{xlmr_embed}"
+        source = "tiny-xlmr-embed"
         device = "cpu"
 
         [[models]]
         id = "tiny-rerank-bert"
         kind = "rerank"
-        source = "{bert_rerank}"
+        source = "tiny-bert-reranker"
         device = "cpu"
 
         [[models]]
         id = "tiny-rerank-xlmr"
         kind = "rerank"
-        source = "{xlmr_rerank}"
+        source = "tiny-xlmr-reranker"
         device = "cpu"
 
         [[models]]
         id = "tiny-bi"
         kind = "rerank"
-        source = "{bert_embed}"
+        source = "tiny-bert-embed"
         device = "cpu"
+
+        [[models]]
+        id = "tiny-shared-bi"
+        kind = "rerank"
+        embedding_model = "tiny-embed"
         {extra}
         "#,
-        bert_embed = fixture("tiny-bert-embed").display(),
-        xlmr_embed = fixture("tiny-xlmr-embed").display(),
-        bert_rerank = fixture("tiny-bert-reranker").display(),
-        xlmr_rerank = fixture("tiny-xlmr-reranker").display(),
+        models_dir = fixtures().display(),
     )
 }
 
@@ -81,7 +92,7 @@ pub async fn app(toml: &str) -> App {
 /// The app with every model still in the loading state.
 pub fn unloaded(toml: &str) -> AppState {
     let config = Config::parse(toml, None, &Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
-    AppState::new(config)
+    AppState::new(config).unwrap()
 }
 
 pub async fn tiny_app() -> App {
@@ -146,15 +157,7 @@ pub fn floats(value: &Value) -> Vec<f32> {
     value.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
 }
 
-pub fn unit(v: &[f32]) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter().map(|x| x / norm).collect()
-}
-
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt())
-}
+pub use hearth_engine::vector::normalized as unit;
 
 #[track_caller]
 pub fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {

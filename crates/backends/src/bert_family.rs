@@ -1,15 +1,17 @@
-//! BERT and XLM-RoBERTa encoders on candle: sentence embedders (pooling + optional L2 normalisation)
-//! and cross-encoders (`*ForSequenceClassification`, one relevance logit per pair).
+//! BERT and XLM-RoBERTa models as the engine sees them: sentence embedders (pooling + optional L2
+//! normalisation) and cross-encoders (`*ForSequenceClassification`, one relevance logit per pair),
+//! both on the encoder in [`crate::bert`].
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
-use candle_transformers::models::{bert, xlm_roberta};
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
 use hearth_engine::encoder::{EncoderModel, Sequence};
+use hearth_engine::vector::normalize;
 use hearth_engine::{BoxError, Pooling};
 
-use crate::device::{describe, select_device, select_dtype};
+use crate::bert::{first_token, mean_pool, select_tokens, BertEncoder, Dense, EncoderConfig, PaddedBatch};
+use crate::device::{default_activation_budget, resolved_device, select_device, select_dtype};
 use crate::error::BackendError;
-use crate::model_dir::{read_json, Architecture, Head, ModelDir, Weights};
+use crate::model_dir::{Architecture, Head, ModelDir, Weights};
 
 /// How to load an encoder; `None` fields come from the model directory.
 #[derive(Clone, Copy, Debug, Default)]
@@ -30,139 +32,84 @@ pub struct LoadedEncoder {
     /// Embedders only.
     pub pooling: Option<Pooling>,
     pub normalize: bool,
-    pub device: String,
-    pub dtype: String,
+    /// The device it runs on (`auto` resolved).
+    pub device: hearth_engine::Device,
+    /// The dtype it runs in (`auto` resolved).
+    pub dtype: hearth_engine::DType,
 }
 
-enum Backbone {
-    Bert(bert::BertModel),
-    XlmRoberta(xlm_roberta::XLMRobertaModel),
-}
-
-impl Backbone {
-    fn load(dir: &ModelDir, vb: VarBuilder) -> Result<Self, BackendError> {
-        // Bare encoders keep their tensors at the root; task checkpoints nest them under a prefix.
-        let prefix = ["", "bert", "roberta", "model"]
-            .into_iter()
-            .find(|p| {
-                let name = if p.is_empty() {
-                    "embeddings.word_embeddings.weight".to_string()
-                } else {
-                    format!("{p}.embeddings.word_embeddings.weight")
-                };
-                vb.contains_tensor(&name)
-            })
-            .ok_or_else(|| {
-                BackendError::Unsupported(format!(
-                    "{}: no `embeddings.word_embeddings.weight` tensor (with or without a \
-                     `bert.`/`roberta.` prefix)",
-                    dir.path.display()
-                ))
-            })?;
-        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix) };
-        Ok(match dir.architecture {
-            Architecture::Bert => {
-                let mut config: bert::Config = read_json(&dir.config_json)?;
-                // candle retries under `{model_type}.` when the root has no tensors; we chose already.
-                config.model_type = None;
-                Self::Bert(bert::BertModel::load(vb, &config)?)
-            }
-            Architecture::XlmRoberta => {
-                let config: xlm_roberta::Config = read_json(&dir.config_json)?;
-                Self::XlmRoberta(xlm_roberta::XLMRobertaModel::new(&config, vb)?)
-            }
-        })
-    }
-
-    /// Token states `[batch, len, hidden]`.
-    fn forward(&self, inputs: &BatchTensors) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Bert(m) => m.forward(&inputs.ids, &inputs.type_ids, Some(&inputs.mask)),
-            Self::XlmRoberta(m) => m.forward(&inputs.ids, &inputs.mask, &inputs.type_ids, None, None, None),
-        }
-    }
-}
-
-/// A padded batch on the model's device.
-struct BatchTensors {
-    ids: Tensor,
-    type_ids: Tensor,
-    /// 1 for real tokens, 0 for padding.
-    mask: Tensor,
-    lengths: Vec<usize>,
-}
-
-impl BatchTensors {
-    fn new(batch: &[&Sequence], pad_id: u32, device: &Device) -> candle_core::Result<Self> {
-        let longest = batch.iter().map(|s| s.len()).max().unwrap_or(0);
-        let n = batch.len();
-        let mut ids = Vec::with_capacity(n * longest);
-        let mut type_ids = Vec::with_capacity(n * longest);
-        let mut mask = Vec::with_capacity(n * longest);
-        for sequence in batch {
-            let pad = longest - sequence.len();
-            ids.extend_from_slice(&sequence.ids);
-            ids.extend(std::iter::repeat_n(pad_id, pad));
-            type_ids.extend_from_slice(&sequence.type_ids);
-            type_ids.extend(std::iter::repeat_n(0, pad));
-            mask.extend(std::iter::repeat_n(1u32, sequence.len()));
-            mask.extend(std::iter::repeat_n(0u32, pad));
-        }
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (n, longest), device)?,
-            type_ids: Tensor::from_vec(type_ids, (n, longest), device)?,
-            mask: Tensor::from_vec(mask, (n, longest), device)?,
-            lengths: batch.iter().map(|s| s.len()).collect(),
-        })
-    }
-}
-
+/// The encoder and the tensors around it, loaded on the model's device in the chosen dtype.
 struct Loaded {
-    backbone: Backbone,
-    vb: VarBuilder<'static>,
-    device: Device,
-    dtype: DType,
+    encoder: BertEncoder,
+    /// Where the checkpoint keeps its head (`classifier.*`, `bert.pooler.*`).
+    root: VarBuilder<'static>,
+    pad_id: u32,
+    info: LoadedEncoder,
 }
 
-fn load_backbone(dir: &ModelDir, options: &EncoderOptions) -> Result<Loaded, BackendError> {
+fn load(
+    dir: &ModelDir,
+    options: &EncoderOptions,
+    dims: usize,
+    pooling: Option<Pooling>,
+    normalize: bool,
+) -> Result<Loaded, BackendError> {
     let device = select_device(options.device)?;
     let dtype = select_dtype(options.dtype, &device);
-    let vb = match &dir.weights {
+    let root = match &dir.weights {
         // SAFETY: the weight files are memory-mapped read-only; Hearth never writes to them while
         // serving, and the models directory is documented as not to be modified in place.
         Weights::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, &device)? },
         Weights::PyTorch(file) => VarBuilder::from_pth(file, dtype, &device)?,
     };
-    let backbone = Backbone::load(dir, vb.clone())?;
-    Ok(Loaded { backbone, vb, device, dtype })
-}
-
-fn describe_loaded(
-    dir: &ModelDir,
-    loaded: &Loaded,
-    dims: usize,
-    pooling: Option<Pooling>,
-    normalize: bool,
-) -> LoadedEncoder {
-    LoadedEncoder {
+    // Bare encoders keep their tensors at the root; task checkpoints nest them under a prefix.
+    let prefix = ["", "bert", "roberta", "model"]
+        .into_iter()
+        .find(|p| {
+            let name = if p.is_empty() {
+                "embeddings.word_embeddings.weight".to_string()
+            } else {
+                format!("{p}.embeddings.word_embeddings.weight")
+            };
+            root.contains_tensor(&name)
+        })
+        .ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "{}: no `embeddings.word_embeddings.weight` tensor (with or without a \
+                 `bert.`/`roberta.` prefix)",
+                dir.path.display()
+            ))
+        })?;
+    let encoder_vb = if prefix.is_empty() { root.clone() } else { root.pp(prefix) };
+    let config: EncoderConfig = crate::model_dir::read_json(&dir.config_json)?;
+    let encoder = BertEncoder::load(encoder_vb, &config, dir.architecture, dir.pad_token_id)?;
+    let info = LoadedEncoder {
         architecture: dir.architecture,
         dims,
         vocab_size: dir.vocab_size,
         max_positions: dir.max_positions,
         pooling,
         normalize,
-        device: describe(&loaded.device),
-        dtype: format!("{:?}", loaded.dtype).to_lowercase(),
-    }
+        device: resolved_device(&device),
+        dtype: match dtype {
+            DType::F16 => hearth_engine::DType::F16,
+            DType::BF16 => hearth_engine::DType::Bf16,
+            _ => hearth_engine::DType::F32,
+        },
+    };
+    Ok(Loaded { encoder, root, pad_id: dir.pad_token_id, info })
+}
+
+fn padded(batch: &[&Sequence], pad_id: u32) -> PaddedBatch {
+    PaddedBatch::new(batch.iter().map(|s| (s.ids.as_slice(), s.type_ids.as_slice())), pad_id)
 }
 
 /// A sentence embedder: encoder → pooling → optional L2 normalisation.
 pub struct CandleEmbedder {
-    backbone: Backbone,
+    encoder: BertEncoder,
     pooling: Pooling,
     normalize: bool,
     pad_id: u32,
-    device: Device,
 }
 
 impl CandleEmbedder {
@@ -193,25 +140,25 @@ impl CandleEmbedder {
             }
         };
         let normalize = options.normalize.unwrap_or_else(|| st.is_some_and(|st| st.normalize));
-        let loaded = load_backbone(dir, options)?;
-        let info = describe_loaded(dir, &loaded, dir.hidden_size, Some(pooling), normalize);
-        let model = Self {
-            backbone: loaded.backbone,
-            pooling,
-            normalize,
-            pad_id: dir.pad_token_id,
-            device: loaded.device,
-        };
-        Ok((model, info))
+        let loaded = load(dir, options, dir.hidden_size, Some(pooling), normalize)?;
+        let model = Self { encoder: loaded.encoder, pooling, normalize, pad_id: loaded.pad_id };
+        Ok((model, loaded.info))
     }
 
     fn run(&self, batch: &[&Sequence]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let inputs = BatchTensors::new(batch, self.pad_id, &self.device)?;
-        let states = self.backbone.forward(&inputs)?;
-        let pooled = pool(&states, &inputs, self.pooling)?;
-        let mut vectors = pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let padded = padded(batch, self.pad_id);
+        let states = self.encoder.forward(&padded)?;
+        let pooled = match self.pooling {
+            Pooling::Mean => mean_pool(&states, &padded)?,
+            Pooling::Cls => first_token(&states)?.to_dtype(DType::F32)?,
+            Pooling::LastToken => {
+                let last: Vec<usize> = padded.lengths.iter().map(|&len| len.max(1) - 1).collect();
+                select_tokens(&states, &last)?
+            }
+        };
+        let mut vectors = pooled.to_vec2::<f32>()?;
         if self.normalize {
-            vectors.iter_mut().for_each(|v| hearth_engine::embed::normalize(v));
+            vectors.iter_mut().for_each(|v| normalize(v));
         }
         Ok(vectors)
     }
@@ -223,28 +170,13 @@ impl EncoderModel for CandleEmbedder {
     fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Vec<f32>>, BoxError> {
         Ok(self.run(batch)?)
     }
-}
 
-fn pool(states: &Tensor, inputs: &BatchTensors, pooling: Pooling) -> candle_core::Result<Tensor> {
-    match pooling {
-        Pooling::Cls => states.i((.., 0))?.contiguous(),
-        Pooling::Mean => {
-            let mask = inputs.mask.to_dtype(states.dtype())?.unsqueeze(2)?;
-            let summed = states.broadcast_mul(&mask)?.sum(1)?;
-            let counts = mask.sum(1)?;
-            summed.broadcast_div(&counts)
-        }
-        Pooling::LastToken => {
-            let (n, longest, hidden) = states.dims3()?;
-            let rows: Vec<u32> = inputs
-                .lengths
-                .iter()
-                .enumerate()
-                .map(|(b, &len)| (b * longest + len.max(1) - 1) as u32)
-                .collect();
-            let rows = Tensor::from_vec(rows, n, states.device())?;
-            states.reshape((n * longest, hidden))?.index_select(&rows, 0)
-        }
+    fn activation_bytes(&self, n: usize, longest: usize) -> usize {
+        self.encoder.activation_bytes(n, longest)
+    }
+
+    fn default_memory_budget(&self) -> usize {
+        default_activation_budget(self.encoder.device())
     }
 }
 
@@ -252,8 +184,8 @@ fn pool(states: &Tensor, inputs: &BatchTensors, pooling: Pooling) -> candle_core
 /// these `bert.pooler.dense` and `classifier`; (XLM-)RoBERTa `classifier.dense` and
 /// `classifier.out_proj`.
 struct ClassificationHead {
-    dense: Linear,
-    out: Linear,
+    dense: Dense,
+    out: Dense,
 }
 
 impl ClassificationHead {
@@ -263,24 +195,19 @@ impl ClassificationHead {
             Architecture::Bert => (vb.pp("bert.pooler.dense"), vb.pp("classifier")),
             Architecture::XlmRoberta => (vb.pp("classifier.dense"), vb.pp("classifier.out_proj")),
         };
-        Ok(Self {
-            dense: candle_nn::linear(hidden, hidden, dense)?,
-            out: candle_nn::linear(hidden, num_labels, out)?,
-        })
+        Ok(Self { dense: Dense::load(dense, hidden, hidden)?, out: Dense::load(out, hidden, num_labels)? })
     }
 
     fn forward(&self, states: &Tensor) -> candle_core::Result<Tensor> {
-        let first = states.i((.., 0))?.contiguous()?;
-        self.out.forward(&self.dense.forward(&first)?.tanh()?)
+        self.out.forward(&self.dense.forward(&first_token(states)?)?.tanh()?)
     }
 }
 
 /// A cross-encoder reranker: one relevance logit per `(query, document)` sequence.
 pub struct CandleCrossEncoder {
-    backbone: Backbone,
+    encoder: BertEncoder,
     head: ClassificationHead,
     pad_id: u32,
-    device: Device,
 }
 
 impl CandleCrossEncoder {
@@ -301,16 +228,13 @@ impl CandleCrossEncoder {
                 )))
             }
         };
-        let loaded = load_backbone(dir, options)?;
-        let head = ClassificationHead::load(dir, &loaded.vb, num_labels)?;
-        let info = describe_loaded(dir, &loaded, 1, None, false);
-        let _ = loaded.dtype;
-        Ok((Self { backbone: loaded.backbone, head, pad_id: dir.pad_token_id, device: loaded.device }, info))
+        let loaded = load(dir, options, 1, None, false)?;
+        let head = ClassificationHead::load(dir, &loaded.root, num_labels)?;
+        Ok((Self { encoder: loaded.encoder, head, pad_id: loaded.pad_id }, loaded.info))
     }
 
     fn run(&self, batch: &[&Sequence]) -> candle_core::Result<Vec<f32>> {
-        let inputs = BatchTensors::new(batch, self.pad_id, &self.device)?;
-        let states = self.backbone.forward(&inputs)?;
+        let states = self.encoder.forward(&padded(batch, self.pad_id))?;
         self.head.forward(&states)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()
     }
 }
@@ -320,5 +244,13 @@ impl EncoderModel for CandleCrossEncoder {
 
     fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<f32>, BoxError> {
         Ok(self.run(batch)?)
+    }
+
+    fn activation_bytes(&self, n: usize, longest: usize) -> usize {
+        self.encoder.activation_bytes(n, longest)
+    }
+
+    fn default_memory_budget(&self) -> usize {
+        default_activation_budget(self.encoder.device())
     }
 }

@@ -38,11 +38,24 @@ pub fn select_dtype(dtype: DType, device: &CandleDevice) -> CandleDType {
     }
 }
 
-pub fn describe(device: &CandleDevice) -> String {
-    match device {
-        CandleDevice::Cpu => "cpu".into(),
-        CandleDevice::Cuda(_) => "cuda".into(),
-        CandleDevice::Metal(_) => "metal".into(),
+/// The configured-device value of a device candle opened (`auto` resolved).
+pub fn resolved_device(device: &CandleDevice) -> Device {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => Device::Cpu,
+        candle_core::DeviceLocation::Cuda { gpu_id } => Device::Cuda(gpu_id),
+        candle_core::DeviceLocation::Metal { .. } => Device::Metal,
+    }
+}
+
+/// Activation memory one forward pass may use when a model's config sets no
+/// `max_batch_memory_mib`: 1 GiB on the CPU (a laptop or a small VM shares it with everything
+/// else), 4 GiB on a GPU (next to the weights of several models).
+pub fn default_activation_budget(device: &CandleDevice) -> usize {
+    const MIB: usize = 1 << 20;
+    if device.is_cpu() {
+        1024 * MIB
+    } else {
+        4096 * MIB
     }
 }
 

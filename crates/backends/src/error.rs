@@ -18,6 +18,9 @@ pub enum BackendError {
         source: serde_json::Error,
     },
 
+    #[error("{path} resolves to {target}, outside the models directory {root}")]
+    OutsideModelsDir { path: PathBuf, target: PathBuf, root: PathBuf },
+
     #[error("model directory {dir} has no {what}")]
     Missing { dir: PathBuf, what: String },
 

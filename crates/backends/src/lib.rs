@@ -2,6 +2,7 @@
 //! it reads model directories (HF `config.json`, safetensors, sentence-transformers files), picks the
 //! device and dtype, and runs forward passes. It knows nothing of queues or HTTP.
 
+pub mod bert;
 pub mod bert_family;
 pub mod device;
 pub mod error;
@@ -9,4 +10,4 @@ pub mod model_dir;
 
 pub use bert_family::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, LoadedEncoder};
 pub use error::BackendError;
-pub use model_dir::{Architecture, Head, ModelDir, SentenceTransformers};
+pub use model_dir::{is_plain_relative, Architecture, Head, ModelDir, ModelsRoot, SentenceTransformers};

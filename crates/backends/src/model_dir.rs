@@ -1,8 +1,11 @@
 //! Reading a model directory in the Hugging Face layout: which architecture and head the weights
 //! hold, their sizes, and the sentence-transformers settings (pooling, normalisation, max length).
+//!
+//! Every file is reached through [`ModelsRoot`], so nothing a model directory says (a
+//! `modules.json` path, a symlink) can make Hearth read outside the models directory.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use hearth_engine::Pooling;
@@ -131,6 +134,57 @@ struct StModelConfig {
     max_seq_length: Option<usize>,
 }
 
+/// The models directory, canonicalised. Paths handed to it must be relative and plain (no `..`,
+/// no root); whatever symlinks they pass through must end inside it.
+#[derive(Clone, Debug)]
+pub struct ModelsRoot {
+    canonical: PathBuf,
+}
+
+/// True for a relative path made only of plain names (no `..`, `.`, root or drive prefix).
+pub fn is_plain_relative(path: &Path) -> bool {
+    path.components().next().is_some() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+impl ModelsRoot {
+    pub fn new(path: &Path) -> Result<Self, BackendError> {
+        let canonical =
+            path.canonicalize().map_err(|source| BackendError::Io { path: path.to_owned(), source })?;
+        Ok(Self { canonical })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.canonical
+    }
+
+    /// `path` with every symlink resolved, if that is inside the root; `Ok(None)` if nothing is
+    /// there.
+    pub fn existing(&self, path: &Path) -> Result<Option<PathBuf>, BackendError> {
+        match path.canonicalize() {
+            Ok(real) if real.starts_with(&self.canonical) => Ok(Some(real)),
+            Ok(real) => Err(BackendError::OutsideModelsDir {
+                path: path.to_owned(),
+                target: real,
+                root: self.canonical.clone(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BackendError::Io { path: path.to_owned(), source }),
+        }
+    }
+
+    /// `base/relative`, where `relative` comes from a file or a config: refused unless it is
+    /// plain and resolves inside the root. `Ok(None)` if nothing is there.
+    pub fn join(&self, base: &Path, relative: &str) -> Result<Option<PathBuf>, BackendError> {
+        if !is_plain_relative(Path::new(relative)) {
+            return Err(BackendError::Unsupported(format!(
+                "{}: `{relative}` is not a plain relative path (no `..`, `.` or leading `/`)",
+                base.display()
+            )));
+        }
+        self.existing(&base.join(relative))
+    }
+}
+
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, BackendError> {
     let text =
         std::fs::read_to_string(path).map_err(|source| BackendError::Io { path: path.to_owned(), source })?;
@@ -138,12 +192,14 @@ pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, 
 }
 
 impl ModelDir {
-    pub fn inspect(path: &Path) -> Result<Self, BackendError> {
+    /// Reads the model directory `path`, which must lie inside `root` (as must every file it uses).
+    pub fn inspect(path: &Path, root: &ModelsRoot) -> Result<Self, BackendError> {
         let missing = |what: &str| BackendError::Missing { dir: path.to_owned(), what: what.into() };
-        let config_json = path.join("config.json");
-        if !config_json.is_file() {
-            return Err(missing("config.json"));
-        }
+        let path = &root.existing(path)?.ok_or_else(|| missing("anything (it does not exist)"))?;
+        let file = |name: &str| -> Result<PathBuf, BackendError> {
+            root.join(path, name)?.filter(|p| p.is_file()).ok_or_else(|| missing(name))
+        };
+        let config_json = file("config.json")?;
         let config: HfConfig = read_json(&config_json)?;
         let model_type = config.model_type.as_deref().unwrap_or("");
         let architecture = Architecture::from_model_type(model_type).ok_or_else(|| {
@@ -170,10 +226,7 @@ impl ModelDir {
                 config.max_position_embeddings.saturating_sub(pad_token_id as usize + 1)
             }
         };
-        let tokenizer = path.join("tokenizer.json");
-        if !tokenizer.is_file() {
-            return Err(missing("tokenizer.json"));
-        }
+        let tokenizer = file("tokenizer.json")?;
         Ok(Self {
             path: path.to_owned(),
             architecture,
@@ -182,39 +235,54 @@ impl ModelDir {
             vocab_size: config.vocab_size,
             pad_token_id,
             max_positions,
-            sentence_transformers: read_sentence_transformers(path)?,
-            weights: find_weights(path).ok_or_else(|| missing("model.safetensors or pytorch_model.bin"))?,
+            sentence_transformers: read_sentence_transformers(path, root)?,
+            weights: find_weights(path, root)?
+                .ok_or_else(|| missing("model.safetensors or pytorch_model.bin"))?,
             tokenizer,
             config_json,
         })
     }
 }
 
-fn find_weights(dir: &Path) -> Option<Weights> {
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
-        .collect();
+fn find_weights(dir: &Path, root: &ModelsRoot) -> Result<Option<Weights>, BackendError> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| BackendError::Io { path: dir.to_owned(), source })?;
+    let mut shards = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        if Path::new(&name).extension().is_some_and(|ext| ext == "safetensors") {
+            if let Some(real) = root.join(dir, &name.to_string_lossy())? {
+                shards.push(real);
+            }
+        }
+    }
     if !shards.is_empty() {
         shards.sort();
-        return Some(Weights::Safetensors(shards));
+        return Ok(Some(Weights::Safetensors(shards)));
     }
-    let pytorch = dir.join("pytorch_model.bin");
-    pytorch.is_file().then_some(Weights::PyTorch(pytorch))
+    Ok(root.join(dir, "pytorch_model.bin")?.filter(|p| p.is_file()).map(Weights::PyTorch))
 }
 
-fn read_sentence_transformers(dir: &Path) -> Result<Option<SentenceTransformers>, BackendError> {
-    let modules_path = dir.join("modules.json");
-    if !modules_path.is_file() {
+fn read_sentence_transformers(
+    dir: &Path,
+    root: &ModelsRoot,
+) -> Result<Option<SentenceTransformers>, BackendError> {
+    let Some(modules_path) = root.join(dir, "modules.json")? else {
         return Ok(None);
-    }
+    };
     let modules: Vec<StModule> = read_json(&modules_path)?;
     let mut st = SentenceTransformers::default();
     for module in &modules {
         match module.kind.rsplit('.').next().unwrap_or("") {
             "Pooling" => {
-                let pooling_path = dir.join(&module.path).join("config.json");
+                let config = match module.path.as_str() {
+                    "" => "config.json".to_string(),
+                    sub => format!("{sub}/config.json"),
+                };
+                let pooling_path = root.join(dir, &config)?.ok_or_else(|| BackendError::Missing {
+                    dir: dir.to_owned(),
+                    what: format!("{config} (named by modules.json)"),
+                })?;
                 let pooling: StPooling = read_json(&pooling_path)?;
                 st.pooling = Some(pooling_mode(&pooling));
             }
@@ -222,8 +290,7 @@ fn read_sentence_transformers(dir: &Path) -> Result<Option<SentenceTransformers>
             _ => {}
         }
     }
-    let bert_config = dir.join("sentence_bert_config.json");
-    if bert_config.is_file() {
+    if let Some(bert_config) = root.join(dir, "sentence_bert_config.json")? {
         st.max_seq_length = read_json::<StModelConfig>(&bert_config)?.max_seq_length;
     }
     Ok(Some(st))

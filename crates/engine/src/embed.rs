@@ -1,13 +1,17 @@
-//! Sentence embeddings: validation, tokenization off the async runtime, batching through the model's
-//! owner thread, and OpenAI's `dimensions` (truncate, then re-normalise).
+//! Sentence embeddings: the [`Embed`] capability, and [`EncoderService`], what every text encoder
+//! shares: request limits, admission, tokenization on the preprocessing pool, and the model's owner
+//! thread. OpenAI's `dimensions` is served by truncating and re-normalising.
 
 use std::sync::Arc;
 
 use crate::admission::Admission;
 use crate::encoder::{EncoderHandle, Sequence};
 use crate::error::{EngineError, Subject};
+use crate::pool::BlockingPool;
 use crate::queue::Priority;
 use crate::tokenize::{LengthPolicy, TextTokenizer};
+use crate::vector::normalize;
+use crate::BoxFuture;
 
 /// What a loaded embedding model reports about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,8 +20,8 @@ pub struct EmbeddingInfo {
     pub dims: usize,
     /// Rows of the token embedding table; token-id inputs must be below it.
     pub vocab_size: usize,
-    /// Whether outputs are L2-normalised.
-    pub normalized: bool,
+    /// Longest input the position table allows.
+    pub max_positions: usize,
 }
 
 /// Per-request limits of a text model.
@@ -26,8 +30,21 @@ pub struct TextLimits {
     pub length: LengthPolicy,
     /// Most inputs (embeddings) or documents (rerank) in one request.
     pub max_inputs: usize,
+    /// Most tokens in one request, all inputs together, special tokens included.
+    pub max_tokens: usize,
 }
 
+impl TextLimits {
+    /// Refuses a request with more than `max_inputs` inputs (`what`: "inputs", "documents").
+    pub(crate) fn check_count(&self, count: usize, what: &'static str) -> Result<(), EngineError> {
+        if count > self.max_inputs {
+            return Err(EngineError::TooManyInputs { what, count, max: self.max_inputs });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
 pub enum EmbedInput {
     Texts(Vec<String>),
     /// Already tokenized with the model's tokenizer, special tokens included; used as given.
@@ -54,23 +71,69 @@ pub struct Embeddings {
     pub n_tokens: usize,
 }
 
+/// The embedding capability: what the HTTP layer and the RAG pipeline call.
+pub trait Embed: Send + Sync {
+    /// Length of each vector (before `dimensions`).
+    fn dims(&self) -> usize;
+
+    /// Embeds every input, in order. `dimensions` keeps the first N dimensions and re-normalises.
+    fn embed(
+        &self,
+        input: EmbedInput,
+        dimensions: Option<usize>,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<Embeddings, EngineError>>;
+}
+
+/// A text encoder's tokenizer, owner thread, limits and admission.
+pub struct EncoderService<O> {
+    pub tokenizer: Arc<TextTokenizer>,
+    pub worker: EncoderHandle<O>,
+    pub limits: TextLimits,
+    pub admission: Admission,
+    pub pool: Arc<BlockingPool>,
+}
+
+impl<O: Send + 'static> EncoderService<O> {
+    /// Tokenizes `texts` on the preprocessing pool. Stops at the first error, once the request's
+    /// tokens pass `limits.max_tokens`, or when the caller has gone.
+    pub(crate) async fn tokenize(
+        &self,
+        texts: Vec<String>,
+        subject: fn(usize) -> Subject,
+        limits: TextLimits,
+        priority: Priority,
+    ) -> Result<Vec<Sequence>, EngineError> {
+        let tokenizer = Arc::clone(&self.tokenizer);
+        self.pool
+            .run(priority, move |caller| {
+                let mut total = 0;
+                let mut sequences = Vec::with_capacity(texts.len());
+                for (i, text) in texts.iter().enumerate() {
+                    if caller.gone() {
+                        return Err(EngineError::Internal { message: "the caller left".into() });
+                    }
+                    let sequence = tokenizer.encode(text, limits.length, subject(i))?;
+                    total += sequence.len();
+                    if total > limits.max_tokens {
+                        return Err(EngineError::TooManyTokens { max: limits.max_tokens });
+                    }
+                    sequences.push(sequence);
+                }
+                Ok(sequences)
+            })
+            .await?
+    }
+}
+
 pub struct Embedder {
-    tokenizer: Arc<TextTokenizer>,
-    worker: EncoderHandle<Vec<f32>>,
+    service: EncoderService<Vec<f32>>,
     info: EmbeddingInfo,
-    limits: TextLimits,
-    admission: Admission,
 }
 
 impl Embedder {
-    pub fn new(
-        tokenizer: Arc<TextTokenizer>,
-        worker: EncoderHandle<Vec<f32>>,
-        info: EmbeddingInfo,
-        limits: TextLimits,
-        admission: Admission,
-    ) -> Self {
-        Self { tokenizer, worker, info, limits, admission }
+    pub fn new(service: EncoderService<Vec<f32>>, info: EmbeddingInfo) -> Self {
+        Self { service, info }
     }
 
     pub fn info(&self) -> &EmbeddingInfo {
@@ -78,69 +141,21 @@ impl Embedder {
     }
 
     pub fn limits(&self) -> &TextLimits {
-        &self.limits
+        &self.service.limits
+    }
+
+    pub fn service(&self) -> &EncoderService<Vec<f32>> {
+        &self.service
     }
 
     /// Requests admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.admission.in_flight()
-    }
-
-    pub(crate) fn admission(&self) -> &Admission {
-        &self.admission
-    }
-
-    pub(crate) fn tokenizer(&self) -> &Arc<TextTokenizer> {
-        &self.tokenizer
-    }
-
-    pub(crate) fn worker(&self) -> &EncoderHandle<Vec<f32>> {
-        &self.worker
-    }
-
-    pub fn shutdown(&self) {
-        self.worker.shutdown();
-    }
-
-    pub async fn embed(
-        &self,
-        input: EmbedInput,
-        dimensions: Option<usize>,
-        priority: Priority,
-    ) -> Result<Embeddings, EngineError> {
-        let _permit = self.admission.try_admit()?;
-        if input.len() > self.limits.max_inputs {
-            return Err(EngineError::TooManyInputs {
-                what: "inputs",
-                count: input.len(),
-                max: self.limits.max_inputs,
-            });
-        }
-        if let Some(requested) = dimensions {
-            if requested == 0 || requested > self.info.dims {
-                return Err(EngineError::InvalidDimensions { requested, model_dims: self.info.dims });
-            }
-        }
-        let sequences = match input {
-            EmbedInput::Texts(texts) => {
-                let subjects = (0..texts.len()).map(Subject::Input);
-                tokenize_texts(&self.tokenizer, texts, subjects.collect(), self.limits.length).await?
-            }
-            EmbedInput::TokenIds(arrays) => self.check_token_ids(arrays)?,
-        };
-        let n_tokens = sequences.iter().map(Sequence::len).sum();
-        let mut vectors = self.worker.encode(sequences, priority).await?;
-        if let Some(dims) = dimensions {
-            for vector in &mut vectors {
-                vector.truncate(dims);
-                normalize(vector);
-            }
-        }
-        Ok(Embeddings { vectors, n_tokens })
+        self.service.admission.in_flight()
     }
 
     fn check_token_ids(&self, arrays: Vec<Vec<u32>>) -> Result<Vec<Sequence>, EngineError> {
-        let LengthPolicy { max_tokens, truncate } = self.limits.length;
+        let LengthPolicy { max_tokens, truncate } = self.service.limits.length;
+        let mut total = 0;
         arrays
             .into_iter()
             .enumerate()
@@ -151,7 +166,12 @@ impl Embedder {
                 }
                 if ids.len() > max_tokens {
                     if !truncate {
-                        return Err(EngineError::InputTooLong { subject, n_tokens: ids.len(), max_tokens });
+                        return Err(EngineError::InputTooLong {
+                            subject,
+                            n_tokens: ids.len(),
+                            at_least: false,
+                            max_tokens,
+                        });
                     }
                     ids.truncate(max_tokens);
                 }
@@ -162,48 +182,57 @@ impl Embedder {
                         vocab_size: self.info.vocab_size,
                     });
                 }
+                total += ids.len();
+                if total > self.service.limits.max_tokens {
+                    return Err(EngineError::TooManyTokens { max: self.service.limits.max_tokens });
+                }
                 Ok(Sequence::new(ids))
             })
             .collect()
     }
-}
 
-/// Tokenizes on the blocking pool so the async runtime keeps serving while long texts are split.
-pub(crate) async fn tokenize_texts(
-    tokenizer: &Arc<TextTokenizer>,
-    texts: Vec<String>,
-    subjects: Vec<Subject>,
-    policy: LengthPolicy,
-) -> Result<Vec<Sequence>, EngineError> {
-    let tokenizer = Arc::clone(tokenizer);
-    tokio::task::spawn_blocking(move || {
-        texts.iter().zip(subjects).map(|(text, subject)| tokenizer.encode(text, policy, subject)).collect()
-    })
-    .await
-    .unwrap_or_else(|join| {
-        Err(EngineError::Tokenize { subject: Subject::Input(0), message: join.to_string() })
-    })
-}
-
-/// Scales `vector` to unit L2 norm; a zero vector stays zero.
-pub fn normalize(vector: &mut [f32]) {
-    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        vector.iter_mut().for_each(|x| *x /= norm);
+    async fn run(
+        &self,
+        input: EmbedInput,
+        dimensions: Option<usize>,
+        priority: Priority,
+    ) -> Result<Embeddings, EngineError> {
+        let _permit = self.service.admission.try_admit()?;
+        self.service.limits.check_count(input.len(), "inputs")?;
+        if let Some(requested) = dimensions {
+            if requested == 0 || requested > self.info.dims {
+                return Err(EngineError::InvalidDimensions { requested, model_dims: self.info.dims });
+            }
+        }
+        let sequences = match input {
+            EmbedInput::Texts(texts) => {
+                self.service.tokenize(texts, Subject::Input, self.service.limits, priority).await?
+            }
+            EmbedInput::TokenIds(arrays) => self.check_token_ids(arrays)?,
+        };
+        let n_tokens = sequences.iter().map(Sequence::len).sum();
+        let mut vectors = self.service.worker.encode(sequences, priority).await?;
+        if let Some(dims) = dimensions {
+            for vector in &mut vectors {
+                vector.truncate(dims);
+                normalize(vector);
+            }
+        }
+        Ok(Embeddings { vectors, n_tokens })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Embed for Embedder {
+    fn dims(&self) -> usize {
+        self.info.dims
+    }
 
-    #[test]
-    fn normalize_gives_unit_norm_and_keeps_zero() {
-        let mut v = vec![3.0, 4.0];
-        normalize(&mut v);
-        assert_eq!(v, [0.6, 0.8]);
-        let mut zero = vec![0.0; 3];
-        normalize(&mut zero);
-        assert_eq!(zero, [0.0; 3]);
+    fn embed(
+        &self,
+        input: EmbedInput,
+        dimensions: Option<usize>,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+        Box::pin(self.run(input, dimensions, priority))
     }
 }

@@ -1,22 +1,35 @@
 //! Encoder models (sentence embedders, cross-encoders) behind one owner thread with dynamic batching.
 //!
 //! A request becomes one [`Job`] of tokenized sequences. The owner thread keeps the jobs it has taken
-//! from the queue in arrival order and fills each forward pass with their sequences, longest first
-//! within a job, until the batch reaches `max_batch_size` sequences or its padded size
-//! (`sequences × longest`) would pass `max_batch_tokens`. One large request can therefore span several
-//! batches, and several small ones share one. A job whose caller has gone (the reply channel is
-//! closed) is dropped before any more of it reaches the model.
+//! from the queue and fills each forward pass from all of them ([`plan_batch`]):
+//! - the job first in line (by [`Ticket`]: arrival time, with a head start for higher priorities) is
+//!   the anchor, and its longest remaining sequence is always in the batch, so every job progresses
+//!   in its turn and no class starves;
+//! - the rest of the batch is every pending job's remaining sequences that are no longer than the
+//!   anchor's, longest first, so sequences of similar length share a batch and padding stays small;
+//! - the batch stops at `max_batch_size` sequences, at `max_batch_tokens` padded tokens, or when the
+//!   model's estimate of its peak activation memory would pass the memory budget (attention memory
+//!   grows with the square of the length, so a token budget alone cannot bound it).
+//!
+//! One large request can span several batches, and several small ones share one. A job whose caller
+//! has gone is dropped before any more of it reaches the model. Outputs are checked: a NaN or an
+//! infinity fails the batch (a 500, logged), it is never an answer.
+//!
+//! Lifecycle: if the owner thread dies (a panic outside a forward pass), the model is failed: queued
+//! and later requests get [`EngineError::ModelFailed`] at once, and [`EncoderHandle::failed`]
+//! resolves so a supervisor can reload it. [`EncoderHandle::shutdown`] lets queued work finish until
+//! a deadline and answers what is left with [`EngineError::ShuttingDown`].
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
-use crate::error::{BoxError, EngineError, Overload};
-use crate::queue::{JobQueue, Priority, PushError};
+use crate::error::{panic_message, BoxError, EngineError, Overload};
+use crate::queue::{JobQueue, Priority, PushError, Ticket};
 
 /// One tokenized input: token ids and their segment (token type) ids, special tokens included.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,22 +54,49 @@ impl Sequence {
     }
 }
 
-/// The capability every encoder backend implements: run one batch, one output per sequence, in order.
-/// The owner thread calls it; implementations need not be `Send` because they are built on that thread.
-pub trait EncoderModel: 'static {
-    type Output: Send + 'static;
+/// Model outputs whose values can be checked: a NaN or an infinity is a failure, never an answer.
+pub trait Finite {
+    fn is_finite(&self) -> bool;
+}
 
+impl Finite for f32 {
+    fn is_finite(&self) -> bool {
+        f32::is_finite(*self)
+    }
+}
+
+impl Finite for Vec<f32> {
+    fn is_finite(&self) -> bool {
+        self.iter().all(|x| x.is_finite())
+    }
+}
+
+/// The capability every encoder backend implements. The owner thread calls it; implementations need
+/// not be `Send` because they are built on that thread.
+pub trait EncoderModel: 'static {
+    type Output: Finite + Send + 'static;
+
+    /// Runs one batch: one output per sequence, in order.
     fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Self::Output>, BoxError>;
+
+    /// Estimated peak bytes of activations for a padded batch of `n` sequences of `longest` tokens.
+    fn activation_bytes(&self, n: usize, longest: usize) -> usize;
+
+    /// The activation memory one forward pass may use when the config sets no budget: what the
+    /// model's device can spare.
+    fn default_memory_budget(&self) -> usize;
 }
 
 /// How large one forward pass may grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Upper bound on `sequences × longest sequence` (padded tokens). A single longer sequence still
-    /// runs alone.
+    /// Upper bound on `sequences × longest sequence` (padded tokens).
     pub max_batch_tokens: usize,
     /// Upper bound on sequences per forward pass.
     pub max_batch_size: usize,
+    /// Upper bound on the model's estimate of a batch's peak activation memory, in bytes; `None`:
+    /// the model's device default. A single sequence over any budget still runs, alone.
+    pub max_batch_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -72,12 +112,34 @@ type Reply<O> = oneshot::Sender<Result<Vec<O>, EngineError>>;
 struct Job<O> {
     sequences: Vec<Sequence>,
     reply: Reply<O>,
-    enqueued_at: Instant,
+}
+
+/// What the handle and the owner thread share.
+struct Shared {
+    model: Arc<str>,
+    /// False once the owner thread has died; a supervisor waits on it.
+    alive: watch::Sender<bool>,
+    /// Set by [`EncoderHandle::shutdown`]: work not started by then is answered `ShuttingDown`.
+    deadline: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn past_deadline(&self) -> bool {
+        self.deadline.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn failed(&self) -> EngineError {
+        EngineError::ModelFailed { model: Arc::clone(&self.model) }
+    }
+
+    fn shutting_down(&self) -> EngineError {
+        EngineError::ShuttingDown { model: Arc::clone(&self.model) }
+    }
 }
 
 /// The async side of an encoder worker: submits jobs and awaits their answers.
 pub struct EncoderHandle<O> {
-    model: Arc<str>,
+    shared: Arc<Shared>,
     queue: Arc<JobQueue<Job<O>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -94,9 +156,13 @@ impl<O: Send + 'static> EncoderHandle<O> {
         let labels = [("model", config.model.to_string())];
         let queue =
             Arc::new(JobQueue::new(config.queue_depth, metrics::gauge!("hearth_queue_depth", &labels)));
-        let model_id = Arc::clone(&config.model);
+        let shared = Arc::new(Shared {
+            model: Arc::clone(&config.model),
+            alive: watch::Sender::new(true),
+            deadline: Mutex::new(None),
+        });
         let (loaded_tx, loaded_rx) = oneshot::channel();
-        let worker_queue = Arc::clone(&queue);
+        let (worker_queue, worker_shared) = (Arc::clone(&queue), Arc::clone(&shared));
         let thread =
             std::thread::Builder::new().name(format!("model-{}", config.model)).spawn(move || {
                 let model = match catch_unwind(AssertUnwindSafe(load)) {
@@ -115,9 +181,22 @@ impl<O: Send + 'static> EncoderHandle<O> {
                         return;
                     }
                 };
-                Worker::new(model, config, worker_queue).run();
+                let worker =
+                    Worker::new(model, config, Arc::clone(&worker_queue), Arc::clone(&worker_shared));
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| worker.run())) {
+                    tracing::error!(
+                        model = %worker_shared.model,
+                        cause = %panic_message(&panic),
+                        "the model's owner thread died; failing its queued requests"
+                    );
+                    worker_shared.alive.send_replace(false);
+                    worker_queue.close();
+                    for job in worker_queue.drain() {
+                        let _ = job.reply.send(Err(worker_shared.failed()));
+                    }
+                }
             })?;
-        let handle = Self { model: model_id, queue, thread: Mutex::new(Some(thread)) };
+        let handle = Self { shared, queue, thread: Mutex::new(Some(thread)) };
         match loaded_rx.await {
             Ok(Ok(info)) => Ok((handle, info)),
             Ok(Err(err)) => Err(err),
@@ -126,40 +205,77 @@ impl<O: Send + 'static> EncoderHandle<O> {
     }
 
     /// Queues `sequences` and waits for one output per sequence. Refuses at once when the queue is
-    /// full. Dropping the returned future withdraws the job before it reaches the model.
+    /// full or the model has failed. Dropping the returned future withdraws the job before it reaches
+    /// the model.
     pub async fn encode(&self, sequences: Vec<Sequence>, priority: Priority) -> Result<Vec<O>, EngineError> {
+        if !self.is_alive() {
+            return Err(self.shared.failed());
+        }
         let (reply, answer) = oneshot::channel();
-        let job = Job { sequences, reply, enqueued_at: Instant::now() };
-        self.queue.try_push(job, priority).map_err(|err| match err {
+        self.queue.try_push(Job { sequences, reply }, priority).map_err(|err| match err {
             PushError::Full(_) => EngineError::Overloaded {
-                model: Arc::clone(&self.model),
+                model: Arc::clone(&self.shared.model),
                 reason: Overload::QueueFull { queue_depth: self.queue.capacity() },
             },
-            PushError::Closed(_) => EngineError::ShuttingDown { model: Arc::clone(&self.model) },
+            PushError::Closed(_) if !self.is_alive() => self.shared.failed(),
+            PushError::Closed(_) => self.shared.shutting_down(),
         })?;
-        answer.await.unwrap_or_else(|_| {
-            Err(EngineError::Backend {
-                model: Arc::clone(&self.model),
-                message: "the model's worker thread stopped".into(),
-            })
-        })
+        match answer.await {
+            Ok(result) => result,
+            // The owner thread dropped the job without answering: it died holding it.
+            Err(_) => Err(self.shared.failed()),
+        }
     }
 
     /// The id of the model this worker serves.
     pub fn model(&self) -> &Arc<str> {
-        &self.model
+        &self.shared.model
     }
 
     pub fn queue_len(&self) -> usize {
         self.queue.len()
     }
 
-    /// Stops accepting jobs, lets the owner thread finish what is queued, and waits for it.
-    pub fn shutdown(&self) {
+    /// False once the owner thread has died.
+    pub fn is_alive(&self) -> bool {
+        *self.shared.alive.borrow()
+    }
+
+    /// Resolves once the owner thread has died (never, while it lives).
+    pub async fn failed(&self) {
+        let mut alive = self.shared.alive.subscribe();
+        let _ = alive.wait_for(|alive| !alive).await;
+    }
+
+    /// Stops accepting jobs from now on; what is queued runs until `deadline`. Returns at once.
+    pub fn begin_shutdown(&self, deadline: Instant) {
+        *self.shared.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
         self.queue.close();
+    }
+
+    /// Stops accepting jobs and lets the owner thread finish what is queued until `deadline`; jobs
+    /// not started by then are answered [`EngineError::ShuttingDown`]. Blocks until the thread has
+    /// stopped, or shortly after the deadline if a forward pass is still running.
+    pub fn shutdown(&self, deadline: Instant) {
+        self.begin_shutdown(deadline);
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
+        let Some(thread) = thread else { return };
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for job in self.queue.drain() {
+            let _ = job.reply.send(Err(self.shared.shutting_down()));
+        }
+        // The owner thread answers its own pending jobs before its next batch; a forward pass that is
+        // still running is not waited for beyond a short grace.
+        let grace = Instant::now() + Duration::from_millis(200);
+        while !thread.is_finished() && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
+        } else {
+            tracing::warn!(model = %self.shared.model, "a forward pass was still running at the shutdown deadline");
         }
     }
 }
@@ -171,38 +287,69 @@ impl<O> Drop for EncoderHandle<O> {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    let detail = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("the model panicked: {detail}")
-}
-
 /// A job taken off the queue, partly run.
 struct InFlight<O> {
     job: Job<O>,
-    /// Sequence indices, longest first: batches of similar lengths waste less on padding.
-    order: Vec<usize>,
-    /// Position in `order` of the next sequence to run.
-    next: usize,
+    ticket: Ticket,
+    /// Indices of the sequences not run yet, longest first.
+    remaining: Vec<usize>,
     outputs: Vec<Option<O>>,
     started: bool,
 }
 
 impl<O> InFlight<O> {
-    fn new(job: Job<O>) -> Self {
-        let mut order: Vec<usize> = (0..job.sequences.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(job.sequences[i].len()));
+    fn new(ticket: Ticket, job: Job<O>) -> Self {
+        let mut remaining: Vec<usize> = (0..job.sequences.len()).collect();
+        remaining.sort_by_key(|&i| std::cmp::Reverse(job.sequences[i].len()));
         let outputs = std::iter::repeat_with(|| None).take(job.sequences.len()).collect();
-        Self { job, order, next: 0, outputs, started: false }
+        Self { job, ticket, remaining, outputs, started: false }
     }
 
-    fn remaining(&self) -> usize {
-        self.order.len() - self.next
+    fn len_of(&self, sequence: usize) -> usize {
+        self.job.sequences[sequence].len().max(1)
     }
 }
+
+/// The limits a batch is planned under, with the memory budget resolved.
+struct Budget<'a> {
+    max_tokens: usize,
+    max_size: usize,
+    max_bytes: usize,
+    bytes: &'a dyn Fn(usize, usize) -> usize,
+}
+
+/// Chooses the next batch as (pending index, sequence index) pairs; see the module docs.
+fn plan_batch<O>(pending: &VecDeque<InFlight<O>>, budget: &Budget) -> Vec<(usize, usize)> {
+    let Some((anchor, flight)) =
+        pending.iter().enumerate().filter(|(_, f)| !f.remaining.is_empty()).min_by_key(|(_, f)| f.ticket)
+    else {
+        return Vec::new();
+    };
+    let first = flight.remaining[0];
+    let longest = flight.len_of(first);
+    let mut candidates: Vec<(usize, usize, usize, Ticket)> = pending
+        .iter()
+        .enumerate()
+        .flat_map(|(p, f)| f.remaining.iter().map(move |&s| (p, s, f.len_of(s), f.ticket)))
+        .filter(|&(p, s, len, _)| len <= longest && (p, s) != (anchor, first))
+        .collect();
+    candidates.sort_by(|a, b| b.2.cmp(&a.2).then(a.3.cmp(&b.3)).then(a.1.cmp(&b.1)));
+    let mut picks = vec![(anchor, first)];
+    for (p, s, _, _) in candidates {
+        let n = picks.len() + 1;
+        if n > budget.max_size
+            || n * longest > budget.max_tokens
+            || (budget.bytes)(n, longest) > budget.max_bytes
+        {
+            break;
+        }
+        picks.push((p, s));
+    }
+    picks
+}
+
+/// How many batches' worth of sequences the owner thread takes off the queue to plan from.
+const LOOKAHEAD_BATCHES: usize = 2;
 
 struct WorkerMetrics {
     batch_size: metrics::Histogram,
@@ -230,22 +377,42 @@ impl WorkerMetrics {
 struct Worker<M: EncoderModel> {
     model: M,
     config: WorkerConfig,
+    max_batch_bytes: usize,
     queue: Arc<JobQueue<Job<M::Output>>>,
+    shared: Arc<Shared>,
     pending: VecDeque<InFlight<M::Output>>,
     metrics: WorkerMetrics,
 }
 
 impl<M: EncoderModel> Worker<M> {
-    fn new(model: M, config: WorkerConfig, queue: Arc<JobQueue<Job<M::Output>>>) -> Self {
+    fn new(
+        model: M,
+        config: WorkerConfig,
+        queue: Arc<JobQueue<Job<M::Output>>>,
+        shared: Arc<Shared>,
+    ) -> Self {
         let metrics = WorkerMetrics::new(&config.model);
-        Self { model, config, queue, pending: VecDeque::new(), metrics }
+        let max_batch_bytes = config.batch.max_batch_bytes.unwrap_or_else(|| model.default_memory_budget());
+        Self { model, config, max_batch_bytes, queue, shared, pending: VecDeque::new(), metrics }
     }
 
     fn run(mut self) {
         tracing::debug!(model = %self.config.model, "encoder worker started");
         while self.fill_pending() {
+            if self.shared.past_deadline() {
+                self.abandon_pending();
+                continue;
+            }
             self.drop_cancelled();
-            let picks = self.plan_batch();
+            let model = &self.model;
+            let bytes = |n, longest| model.activation_bytes(n, longest);
+            let budget = Budget {
+                max_tokens: self.config.batch.max_batch_tokens,
+                max_size: self.config.batch.max_batch_size,
+                max_bytes: self.max_batch_bytes,
+                bytes: &bytes,
+            };
+            let picks = plan_batch(&self.pending, &budget);
             if !picks.is_empty() {
                 self.run_batch(&picks);
             }
@@ -253,21 +420,30 @@ impl<M: EncoderModel> Worker<M> {
         tracing::debug!(model = %self.config.model, "encoder worker stopped");
     }
 
-    /// Blocks for work while idle, then tops up without blocking. False once closed and drained.
+    /// Blocks for work while idle, then tops up without blocking, to [`LOOKAHEAD_BATCHES`] batches'
+    /// worth of sequences so the planner can match lengths across jobs. False once closed and drained.
     fn fill_pending(&mut self) -> bool {
         if self.pending.is_empty() {
             match self.queue.pop_wait() {
-                Some(job) => self.pending.push_back(InFlight::new(job)),
+                Some((ticket, job)) => self.pending.push_back(InFlight::new(ticket, job)),
                 None => return false,
             }
         }
-        while self.pending.iter().map(InFlight::remaining).sum::<usize>() < self.config.batch.max_batch_size {
+        let enough = LOOKAHEAD_BATCHES * self.config.batch.max_batch_size;
+        while self.pending.iter().map(|f| f.remaining.len()).sum::<usize>() < enough {
             match self.queue.try_pop() {
-                Some(job) => self.pending.push_back(InFlight::new(job)),
+                Some((ticket, job)) => self.pending.push_back(InFlight::new(ticket, job)),
                 None => break,
             }
         }
         true
+    }
+
+    /// Past the shutdown deadline: answer everything taken but not finished.
+    fn abandon_pending(&mut self) {
+        for flight in self.pending.drain(..) {
+            let _ = flight.job.reply.send(Err(self.shared.shutting_down()));
+        }
     }
 
     fn drop_cancelled(&mut self) {
@@ -280,27 +456,6 @@ impl<M: EncoderModel> Worker<M> {
         }
     }
 
-    /// Chooses the next batch as (pending index, sequence index) pairs, in arrival order.
-    fn plan_batch(&self) -> Vec<(usize, usize)> {
-        let limits = self.config.batch;
-        let mut picks = Vec::new();
-        let mut longest = 0;
-        'jobs: for (p, flight) in self.pending.iter().enumerate() {
-            for &s in &flight.order[flight.next..] {
-                let len = flight.job.sequences[s].len().max(1);
-                let new_longest = longest.max(len);
-                let full = picks.len() >= limits.max_batch_size
-                    || (picks.len() + 1) * new_longest > limits.max_batch_tokens;
-                if full && !picks.is_empty() {
-                    break 'jobs;
-                }
-                picks.push((p, s));
-                longest = new_longest;
-            }
-        }
-        picks
-    }
-
     fn run_batch(&mut self, picks: &[(usize, usize)]) {
         let now = Instant::now();
         for &(p, _) in picks {
@@ -309,7 +464,7 @@ impl<M: EncoderModel> Worker<M> {
                 flight.started = true;
                 self.metrics
                     .queue_wait_seconds
-                    .record(now.duration_since(flight.job.enqueued_at).as_secs_f64());
+                    .record(now.duration_since(flight.ticket.arrived).as_secs_f64());
             }
         }
         let batch: Vec<&Sequence> = picks.iter().map(|&(p, s)| &self.pending[p].job.sequences[s]).collect();
@@ -320,12 +475,19 @@ impl<M: EncoderModel> Worker<M> {
 
         let model = &mut self.model;
         let result = match catch_unwind(AssertUnwindSafe(|| model.forward(&batch))) {
-            Ok(Ok(outputs)) if outputs.len() == batch.len() => Ok(outputs),
-            Ok(Ok(outputs)) => {
+            Ok(Ok(outputs)) if outputs.len() != batch.len() => {
                 Err(format!("the model returned {} outputs for a batch of {}", outputs.len(), batch.len()))
             }
+            Ok(Ok(outputs)) => match outputs.iter().filter(|o| !o.is_finite()).count() {
+                0 => Ok(outputs),
+                bad => Err(format!(
+                    "the model produced NaN or infinite values for {bad} of {} sequences (a dtype \
+                     overflow? try `dtype = \"f32\"`)",
+                    outputs.len()
+                )),
+            },
             Ok(Err(err)) => Err(err.to_string()),
-            Err(panic) => Err(panic_message(&panic)),
+            Err(panic) => Err(format!("the model {}", panic_message(&panic))),
         };
         self.metrics.batch_seconds.record(now.elapsed().as_secs_f64());
 
@@ -335,7 +497,7 @@ impl<M: EncoderModel> Worker<M> {
                 for (&(p, s), output) in picks.iter().zip(outputs) {
                     let flight = &mut self.pending[p];
                     flight.outputs[s] = Some(output);
-                    flight.next += 1;
+                    flight.remaining.retain(|&r| r != s);
                 }
                 self.answer_finished();
             }
@@ -347,13 +509,10 @@ impl<M: EncoderModel> Worker<M> {
     }
 
     fn answer_finished(&mut self) {
-        let mut i = 0;
-        while i < self.pending.len() {
-            if self.pending[i].remaining() > 0 {
-                i += 1;
-                continue;
-            }
-            let Some(flight) = self.pending.remove(i) else { break };
+        let (finished, unfinished): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|f| f.remaining.is_empty());
+        self.pending = unfinished;
+        for flight in finished {
             let outputs: Option<Vec<_>> = flight.outputs.into_iter().collect();
             let answer = outputs.ok_or_else(|| EngineError::Backend {
                 model: Arc::clone(&self.config.model),
@@ -366,6 +525,7 @@ impl<M: EncoderModel> Worker<M> {
 
     fn fail_jobs(&mut self, picks: &[(usize, usize)], message: &str) {
         let mut failed: Vec<usize> = picks.iter().map(|&(p, _)| p).collect();
+        failed.sort_unstable();
         failed.dedup();
         for &p in failed.iter().rev() {
             if let Some(flight) = self.pending.remove(p) {
@@ -375,5 +535,66 @@ impl<M: EncoderModel> Worker<M> {
                 }));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pending jobs from `(seconds ago, priority, sequence lengths)`.
+    fn pending(jobs: &[(u64, Priority, &[usize])]) -> VecDeque<InFlight<f32>> {
+        let now = Instant::now();
+        jobs.iter()
+            .map(|&(ago, priority, lengths)| {
+                let sequences = lengths.iter().map(|&len| Sequence::new(vec![1; len])).collect();
+                let (reply, _) = oneshot::channel();
+                let ticket = Ticket { arrived: now - Duration::from_secs(ago), priority };
+                InFlight::new(ticket, Job { sequences, reply })
+            })
+            .collect()
+    }
+
+    fn plan(
+        jobs: &[(u64, Priority, &[usize])],
+        max_tokens: usize,
+        max_size: usize,
+        max_bytes: usize,
+    ) -> Vec<(usize, usize)> {
+        // Memory: 1 byte per padded token plus a quadratic attention term.
+        let bytes = |n: usize, longest: usize| n * longest + n * longest * longest;
+        plan_batch(&pending(jobs), &Budget { max_tokens, max_size, max_bytes, bytes: &bytes })
+    }
+
+    const ROOMY: usize = usize::MAX;
+
+    #[test]
+    fn the_oldest_job_anchors_and_similar_lengths_from_every_job_fill_the_batch() {
+        let jobs: &[(u64, Priority, &[usize])] = &[
+            (9, Priority::Normal, &[10, 3]),
+            (5, Priority::Normal, &[30, 9, 2]),
+            (1, Priority::Normal, &[10, 8]),
+        ];
+        // Anchor: job 0's 10 tokens; longest first from all jobs (job 1's 30 is too long to join).
+        assert_eq!(plan(jobs, ROOMY, 4, ROOMY), [(0, 0), (2, 0), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn premium_jobs_anchor_first_within_their_head_start() {
+        let jobs: &[(u64, Priority, &[usize])] = &[(1, Priority::Normal, &[4]), (0, Priority::High, &[6])];
+        assert_eq!(plan(jobs, ROOMY, 1, ROOMY), [(1, 0)]);
+        let starving: &[(u64, Priority, &[usize])] =
+            &[(60, Priority::Normal, &[4]), (0, Priority::High, &[6])];
+        assert_eq!(plan(starving, ROOMY, 1, ROOMY), [(0, 0)]);
+    }
+
+    #[test]
+    fn token_and_memory_budgets_cut_the_batch() {
+        let jobs: &[(u64, Priority, &[usize])] = &[(1, Priority::Normal, &[8, 8, 8, 8])];
+        assert_eq!(plan(jobs, 16, 64, ROOMY).len(), 2, "16 padded tokens hold two rows of 8");
+        // Each row costs 8 + 64 = 72 bytes: a budget of 150 holds two, 100 one.
+        assert_eq!(plan(jobs, ROOMY, 64, 150).len(), 2);
+        assert_eq!(plan(jobs, ROOMY, 64, 100).len(), 1);
+        assert_eq!(plan(jobs, ROOMY, 64, 1).len(), 1, "one sequence always runs, alone");
     }
 }

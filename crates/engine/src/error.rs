@@ -57,8 +57,24 @@ pub enum EngineError {
     #[error("{subject} is empty")]
     EmptyInput { subject: Subject },
 
-    #[error("{subject} has {n_tokens} tokens, more than the model's limit of {max_tokens}")]
-    InputTooLong { subject: Subject, n_tokens: usize, max_tokens: usize },
+    #[error(
+        "{subject} has {}{n_tokens} tokens, more than the model's limit of {max_tokens}",
+        if *at_least { "at least " } else { "" }
+    )]
+    InputTooLong {
+        subject: Subject,
+        n_tokens: usize,
+        /// Only a prefix was tokenized (the text is far over the limit), so `n_tokens` is a floor.
+        at_least: bool,
+        max_tokens: usize,
+    },
+
+    #[error("the request's inputs have more than {max} tokens in all, this model's limit per request")]
+    TooManyTokens { max: usize },
+
+    /// The preprocessing threads (tokenization) have `queue_depth` tasks waiting already.
+    #[error("the server's preprocessing threads have {queue_depth} tasks waiting; retry later")]
+    PreprocessingBusy { queue_depth: usize },
 
     #[error("{subject} contains token id {token_id}, outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { subject: Subject, token_id: u64, vocab_size: usize },
@@ -76,21 +92,25 @@ pub enum EngineError {
     #[error("model `{model}` failed: {message}")]
     Backend { model: Arc<str>, message: String },
 
+    /// The model's owner thread has died; it is being reloaded.
+    #[error("model `{model}` has failed and is being restarted")]
+    ModelFailed { model: Arc<str> },
+
+    /// A failure of Hearth itself (for example a panic while tokenizing). For logs, not clients.
+    #[error("internal error: {message}")]
+    Internal { message: String },
+
+    /// `model`: the model, or the part of the server, that is stopping.
     #[error("model `{model}` is shutting down")]
     ShuttingDown { model: Arc<str> },
 }
 
-impl EngineError {
-    /// True when the client's request itself is at fault (HTTP 4xx rather than 5xx/429).
-    pub fn is_client_error(&self) -> bool {
-        matches!(
-            self,
-            Self::EmptyInput { .. }
-                | Self::InputTooLong { .. }
-                | Self::TokenOutOfRange { .. }
-                | Self::TooManyInputs { .. }
-                | Self::InvalidDimensions { .. }
-                | Self::Tokenize { .. }
-        )
-    }
+/// A caught panic's payload as text, for logs and internal errors.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {detail}")
 }

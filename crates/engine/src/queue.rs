@@ -1,17 +1,23 @@
-//! A bounded, blocking, multi-priority job queue between async request handlers and a model's owner
-//! thread. Pushing never blocks: a full queue hands the job straight back so the caller can answer 429
-//! at once. The owner thread blocks on [`JobQueue::pop_wait`] while idle and drains with
-//! [`JobQueue::try_pop`] while busy, which suits both fixed encoder batches and a decode-step scheduler
-//! that admits new sequences between steps.
+//! A bounded, blocking, multi-priority job queue between async request handlers and the threads that
+//! serve them (a model's owner thread, the preprocessing pool). Pushing never blocks: a full queue
+//! hands the job straight back so the caller can answer 429 at once. Consumers block on
+//! [`JobQueue::pop_wait`] while idle and drain with [`JobQueue::try_pop`] while busy, which suits
+//! both fixed encoder batches and a decode-step scheduler that admits new sequences between steps.
+//!
+//! Order: every job gets a [`Ticket`] when pushed. A higher [`Priority`] is a head start in time: a
+//! premium job is served before standard jobs that arrived up to [`Priority::head_start`] earlier,
+//! and a standard job that has waited longer than that goes first. Premium traffic overtakes, and
+//! no class starves.
 
+use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Scheduling class of a request. Higher classes are always served first (strict priority).
+/// Scheduling class of a request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
-    /// Premium traffic: served before anything `Normal` that is waiting.
+    /// Premium traffic: overtakes `Normal` work that arrived up to two seconds earlier.
     High,
     #[default]
     Normal,
@@ -26,6 +32,42 @@ impl Priority {
             Self::Normal => 1,
         }
     }
+
+    /// How much earlier than its arrival a job of this class counts as having arrived.
+    pub const fn head_start(self) -> Duration {
+        match self {
+            Self::High => Duration::from_secs(2),
+            Self::Normal => Duration::ZERO,
+        }
+    }
+}
+
+/// A job's place in line: its arrival time and class. Smaller tickets are served first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub arrived: Instant,
+    pub priority: Priority,
+}
+
+impl Ticket {
+    pub fn now(priority: Priority) -> Self {
+        Self { arrived: Instant::now(), priority }
+    }
+}
+
+impl Ord for Ticket {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // arrived − head_start, compared without subtracting from an Instant.
+        (self.arrived + other.priority.head_start())
+            .cmp(&(other.arrived + self.priority.head_start()))
+            .then(self.priority.cmp(&other.priority))
+    }
+}
+
+impl PartialOrd for Ticket {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// Why a push failed; the job comes back so nothing is lost.
@@ -38,14 +80,22 @@ pub enum PushError<T> {
 }
 
 struct Lanes<T> {
-    lanes: [VecDeque<T>; Priority::COUNT],
+    lanes: [VecDeque<(Ticket, T)>; Priority::COUNT],
     len: usize,
     closed: bool,
 }
 
 impl<T> Lanes<T> {
-    fn pop(&mut self) -> Option<T> {
-        let item = self.lanes.iter_mut().find_map(VecDeque::pop_front)?;
+    /// The lane heads compete by ticket; within a lane, first in first out.
+    fn pop(&mut self) -> Option<(Ticket, T)> {
+        let lane = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, lane)| lane.front().map(|(ticket, _)| (i, *ticket)))
+            .min_by_key(|&(_, ticket)| ticket)?
+            .0;
+        let item = self.lanes[lane].pop_front()?;
         self.len -= 1;
         Some(item)
     }
@@ -87,7 +137,7 @@ impl<T> JobQueue<T> {
         if state.len >= self.capacity {
             return Err(PushError::Full(item));
         }
-        state.lanes[priority.lane()].push_back(item);
+        state.lanes[priority.lane()].push_back((Ticket::now(priority), item));
         state.len += 1;
         self.depth.set(state.len as f64);
         drop(state);
@@ -96,7 +146,7 @@ impl<T> JobQueue<T> {
     }
 
     /// Blocks until a job is available; `None` once the queue is closed and drained.
-    pub fn pop_wait(&self) -> Option<T> {
+    pub fn pop_wait(&self) -> Option<(Ticket, T)> {
         let mut state = self.lock();
         loop {
             if let Some(item) = state.pop() {
@@ -110,26 +160,21 @@ impl<T> JobQueue<T> {
         }
     }
 
-    /// Like [`pop_wait`](Self::pop_wait) but gives up after `timeout`; `None` on timeout or when
-    /// closed and drained (check [`is_closed`](Self::is_closed) to tell them apart).
-    pub fn pop_timeout(&self, timeout: Duration) -> Option<T> {
-        let state = self.lock();
-        let (mut state, _) = self
-            .not_empty
-            .wait_timeout_while(state, timeout, |s| s.len == 0 && !s.closed)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let item = state.pop();
-        self.depth.set(state.len as f64);
-        item
-    }
-
-    pub fn try_pop(&self) -> Option<T> {
+    pub fn try_pop(&self) -> Option<(Ticket, T)> {
         let mut state = self.lock();
         let item = state.pop();
         if item.is_some() {
             self.depth.set(state.len as f64);
         }
         item
+    }
+
+    /// Takes every waiting job, in serving order (for shutdown and failure: the caller answers them).
+    pub fn drain(&self) -> Vec<T> {
+        let mut state = self.lock();
+        let items = std::iter::from_fn(|| state.pop()).map(|(_, item)| item).collect();
+        self.depth.set(0.0);
+        items
     }
 
     pub fn len(&self) -> usize {
@@ -144,7 +189,7 @@ impl<T> JobQueue<T> {
         self.capacity
     }
 
-    /// Refuses further pushes and wakes the consumer; jobs already queued are still handed out.
+    /// Refuses further pushes and wakes the consumers; jobs already queued are still handed out.
     pub fn close(&self) {
         self.lock().closed = true;
         self.not_empty.notify_all();
@@ -164,6 +209,10 @@ mod tests {
 
     fn queue(capacity: usize) -> JobQueue<u32> {
         JobQueue::new(capacity, metrics::Gauge::noop())
+    }
+
+    fn items(q: &JobQueue<u32>) -> Vec<u32> {
+        std::iter::from_fn(|| q.try_pop()).map(|(_, item)| item).collect()
     }
 
     #[test]
@@ -186,8 +235,21 @@ mod tests {
         {
             q.try_push(item, priority).unwrap();
         }
-        let order: Vec<u32> = std::iter::from_fn(|| q.try_pop()).collect();
-        assert_eq!(order, [3, 4, 1, 2]);
+        assert_eq!(items(&q), [3, 4, 1, 2]);
+    }
+
+    #[test]
+    fn a_head_start_is_bounded_so_waiting_work_is_not_starved() {
+        let now = Instant::now();
+        let ticket =
+            |ago_ms: u64, priority| Ticket { arrived: now - Duration::from_millis(ago_ms), priority };
+        // Premium overtakes standard work that arrived less than the head start earlier…
+        assert!(ticket(0, Priority::High) < ticket(1_500, Priority::Normal));
+        // …but not standard work that has waited longer than that.
+        assert!(ticket(2_500, Priority::Normal) < ticket(0, Priority::High));
+        // Within a class, arrival order.
+        assert!(ticket(10, Priority::Normal) < ticket(5, Priority::Normal));
+        assert!(ticket(10, Priority::High) < ticket(5, Priority::High));
     }
 
     #[test]
@@ -196,8 +258,17 @@ mod tests {
         q.try_push(7, Priority::Normal).unwrap();
         q.close();
         assert!(matches!(q.try_push(8, Priority::Normal), Err(PushError::Closed(8))));
-        assert_eq!(q.pop_wait(), Some(7));
-        assert_eq!(q.pop_wait(), None);
+        assert_eq!(q.pop_wait().map(|(_, item)| item), Some(7));
+        assert!(q.pop_wait().is_none());
+    }
+
+    #[test]
+    fn drain_takes_everything_in_serving_order() {
+        let q = queue(4);
+        q.try_push(1, Priority::Normal).unwrap();
+        q.try_push(2, Priority::High).unwrap();
+        assert_eq!(q.drain(), [2, 1]);
+        assert!(q.is_empty());
     }
 
     #[test]
@@ -205,19 +276,10 @@ mod tests {
         let q = Arc::new(queue(4));
         let consumer = {
             let q = Arc::clone(&q);
-            thread::spawn(move || q.pop_wait())
+            thread::spawn(move || q.pop_wait().map(|(_, item)| item))
         };
         thread::sleep(Duration::from_millis(20));
         q.try_push(42, Priority::Normal).unwrap();
         assert_eq!(consumer.join().unwrap(), Some(42));
-    }
-
-    #[test]
-    fn pop_timeout_gives_up() {
-        let q = queue(1);
-        assert_eq!(q.pop_timeout(Duration::from_millis(5)), None);
-        assert!(!q.is_closed());
-        q.try_push(1, Priority::Normal).unwrap();
-        assert_eq!(q.pop_timeout(Duration::from_millis(5)), Some(1));
     }
 }

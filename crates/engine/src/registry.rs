@@ -1,8 +1,12 @@
 //! The registry of configured models: each entry's id, kind and load state. Entries exist from
-//! startup; loading fills them in, so the server can answer (and report readiness) while models load.
+//! startup; loading fills them in, so the server can answer (and report readiness) while models load,
+//! and a supervisor can replace a model whose owner thread died.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
 
 use crate::embed::Embedder;
 use crate::kind::ModelKind;
@@ -10,7 +14,7 @@ use crate::rerank::Reranker;
 
 /// A loaded model, by capability.
 pub enum Served {
-    Embedding(Embedder),
+    Embedding(Arc<Embedder>),
     Rerank(Reranker),
 }
 
@@ -30,10 +34,49 @@ impl Served {
         }
     }
 
-    pub fn shutdown(&self) {
+    /// False once the owner thread doing its work has died.
+    pub fn is_alive(&self) -> bool {
         match self {
-            Self::Embedding(e) => e.shutdown(),
-            Self::Rerank(r) => r.shutdown(),
+            Self::Embedding(e) => e.service().worker.is_alive(),
+            Self::Rerank(r) => r.is_alive(),
+        }
+    }
+
+    /// Resolves once the owner thread doing its work has died.
+    pub async fn failed(&self) {
+        match self {
+            Self::Embedding(e) => e.service().worker.failed().await,
+            Self::Rerank(r) => r.failed().await,
+        }
+    }
+
+    /// Refuses new work from now on; queued work goes on until `deadline`.
+    pub fn begin_shutdown(&self, deadline: Instant) {
+        self.worker_shutdown(deadline, false);
+    }
+
+    /// Lets queued work finish until `deadline`, then stops (see `EncoderHandle::shutdown`).
+    pub fn shutdown(&self, deadline: Instant) {
+        self.worker_shutdown(deadline, true);
+    }
+
+    fn worker_shutdown(&self, deadline: Instant, wait: bool) {
+        let embedder = match self {
+            Self::Embedding(e) => e,
+            Self::Rerank(Reranker::BiEncoder { embedder, .. }) => embedder,
+            Self::Rerank(Reranker::CrossEncoder(service)) => {
+                return if wait {
+                    service.worker.shutdown(deadline)
+                } else {
+                    service.worker.begin_shutdown(deadline)
+                };
+            }
+        };
+        let worker = &embedder.service().worker;
+        if wait {
+            worker.shutdown(deadline)
+        } else {
+            worker.begin_shutdown(deadline)
         }
     }
 }
@@ -42,6 +85,7 @@ impl Served {
 pub enum LoadState {
     Loading,
     Ready(Arc<Served>),
+    /// Why, for the logs (never shown to clients).
     Failed(Arc<str>),
 }
 
@@ -60,25 +104,45 @@ pub struct ModelEntry {
     pub kind: ModelKind,
     /// Unix seconds when the entry was registered (OpenAI's `created`).
     pub created: u64,
-    state: RwLock<LoadState>,
+    state: watch::Sender<LoadState>,
 }
 
 impl ModelEntry {
+    /// The current state; a ready model whose owner thread has died reads as failed.
     pub fn state(&self) -> LoadState {
-        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+        match &*self.state.borrow() {
+            LoadState::Ready(served) if !served.is_alive() => {
+                LoadState::Failed("the model's owner thread died; it is being restarted".into())
+            }
+            state => state.clone(),
+        }
     }
 
-    fn set(&self, state: LoadState) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+    pub fn set_loading(&self) {
+        self.state.send_replace(LoadState::Loading);
     }
 
-    pub fn set_ready(&self, served: Served) {
+    pub fn set_ready(&self, served: Arc<Served>) {
         debug_assert_eq!(served.kind(), self.kind);
-        self.set(LoadState::Ready(Arc::new(served)));
+        self.state.send_replace(LoadState::Ready(served));
     }
 
     pub fn set_failed(&self, message: impl Into<Arc<str>>) {
-        self.set(LoadState::Failed(message.into()));
+        self.state.send_replace(LoadState::Failed(message.into()));
+    }
+
+    /// Waits until the entry is ready or has failed, and returns that state.
+    pub async fn settled(&self) -> LoadState {
+        let mut updates = self.state.subscribe();
+        loop {
+            let state = self.state();
+            if !matches!(state, LoadState::Loading) {
+                return state;
+            }
+            if updates.changed().await.is_err() {
+                return self.state();
+            }
+        }
     }
 }
 
@@ -102,7 +166,7 @@ impl Registry {
                 id,
                 kind,
                 created,
-                state: RwLock::new(LoadState::Loading),
+                state: watch::Sender::new(LoadState::Loading),
             }));
         }
         registry
@@ -120,12 +184,22 @@ impl Registry {
         self.entries.iter().all(|e| matches!(e.state(), LoadState::Ready(_)))
     }
 
-    /// Stops every loaded model's worker after it finishes its queue.
-    pub fn shutdown(&self) {
-        for entry in &self.entries {
-            if let LoadState::Ready(served) = entry.state() {
-                served.shutdown();
-            }
+    /// Stops every loaded model taking new work at once, lets each finish its queued work until
+    /// `deadline`, then stops them.
+    pub fn shutdown(&self, deadline: Instant) {
+        let loaded: Vec<Arc<Served>> = self
+            .entries
+            .iter()
+            .filter_map(|entry| match &*entry.state.borrow() {
+                LoadState::Ready(served) => Some(Arc::clone(served)),
+                _ => None,
+            })
+            .collect();
+        for served in &loaded {
+            served.begin_shutdown(deadline);
+        }
+        for served in &loaded {
+            served.shutdown(deadline);
         }
     }
 }

@@ -1,15 +1,16 @@
-//! Reranking: score each document against a query. A cross-encoder reads `(query, document)` pairs
-//! and its logit becomes a relevance in (0, 1) through the sigmoid; an embedding model serves as a
+//! Reranking: the [`Rerank`] capability. A cross-encoder reads `(query, document)` pairs and its
+//! logit becomes a relevance in (0, 1) through the sigmoid; an embedding model serves as a
 //! bi-encoder whose relevance is the cosine similarity of query and document vectors, in [-1, 1].
 
 use std::sync::Arc;
 
 use crate::admission::Admission;
-use crate::embed::{tokenize_texts, Embedder, TextLimits};
-use crate::encoder::{EncoderHandle, Sequence};
+use crate::embed::{Embedder, EncoderService, TextLimits};
+use crate::encoder::Sequence;
 use crate::error::{EngineError, Subject};
 use crate::queue::Priority;
-use crate::tokenize::TextTokenizer;
+use crate::vector::cosine;
+use crate::BoxFuture;
 
 /// How a rerank model turns text into scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,19 +28,6 @@ impl Scoring {
     }
 }
 
-/// A cross-encoder's owner thread and what it needs to build pairs.
-pub struct CrossEncoder {
-    pub tokenizer: Arc<TextTokenizer>,
-    pub worker: EncoderHandle<f32>,
-    pub limits: TextLimits,
-    pub admission: Admission,
-}
-
-pub enum Reranker {
-    CrossEncoder(CrossEncoder),
-    BiEncoder(Embedder),
-}
-
 #[derive(Debug)]
 pub struct RerankScores {
     /// One relevance per document, in request order.
@@ -47,89 +35,145 @@ pub struct RerankScores {
     pub n_tokens: usize,
 }
 
+/// The rerank capability: what the HTTP layer and the RAG pipeline call.
+pub trait Rerank: Send + Sync {
+    /// One relevance per document, in request order.
+    fn rerank(
+        &self,
+        query: String,
+        documents: Vec<String>,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<RerankScores, EngineError>>;
+}
+
+pub enum Reranker {
+    CrossEncoder(EncoderService<f32>),
+    /// An embedding model compared by cosine, under the rerank entry's own limits and admission.
+    /// The embedder (tokenizer, queue, owner thread) may be shared with an embedding entry.
+    BiEncoder {
+        embedder: Arc<Embedder>,
+        limits: TextLimits,
+        admission: Admission,
+    },
+}
+
 impl Reranker {
     pub fn scoring(&self) -> Scoring {
         match self {
             Self::CrossEncoder(_) => Scoring::CrossEncoder,
-            Self::BiEncoder(_) => Scoring::BiEncoder,
+            Self::BiEncoder { .. } => Scoring::BiEncoder,
         }
     }
 
     pub fn limits(&self) -> &TextLimits {
         match self {
-            Self::CrossEncoder(c) => &c.limits,
-            Self::BiEncoder(e) => e.limits(),
+            Self::CrossEncoder(service) => &service.limits,
+            Self::BiEncoder { limits, .. } => limits,
         }
     }
 
     /// Requests admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
         match self {
-            Self::CrossEncoder(c) => c.admission.in_flight(),
-            Self::BiEncoder(e) => e.in_flight(),
+            Self::CrossEncoder(service) => service.admission.in_flight(),
+            Self::BiEncoder { admission, .. } => admission.in_flight(),
         }
     }
 
-    pub fn shutdown(&self) {
+    /// True while the owner thread doing the work lives.
+    pub fn is_alive(&self) -> bool {
         match self {
-            Self::CrossEncoder(c) => c.worker.shutdown(),
-            Self::BiEncoder(e) => e.shutdown(),
+            Self::CrossEncoder(service) => service.worker.is_alive(),
+            Self::BiEncoder { embedder, .. } => embedder.service().worker.is_alive(),
         }
     }
 
-    pub async fn rerank(
+    /// Resolves once the owner thread doing the work has died.
+    pub async fn failed(&self) {
+        match self {
+            Self::CrossEncoder(service) => service.worker.failed().await,
+            Self::BiEncoder { embedder, .. } => embedder.service().worker.failed().await,
+        }
+    }
+
+    async fn run(
         &self,
         query: String,
         documents: Vec<String>,
         priority: Priority,
     ) -> Result<RerankScores, EngineError> {
-        let max = self.limits().max_inputs;
-        if documents.len() > max {
-            return Err(EngineError::TooManyInputs { what: "documents", count: documents.len(), max });
-        }
         match self {
-            Self::CrossEncoder(cross) => cross.score(query, documents, priority).await,
-            Self::BiEncoder(embedder) => bi_encoder_scores(embedder, query, documents, priority).await,
+            Self::CrossEncoder(service) => cross_encoder_scores(service, query, documents, priority).await,
+            Self::BiEncoder { embedder, limits, admission } => {
+                let _permit = admission.try_admit()?;
+                limits.check_count(documents.len(), "documents")?;
+                bi_encoder_scores(embedder, *limits, query, documents, priority).await
+            }
         }
     }
 }
 
-impl CrossEncoder {
-    async fn score(
+impl Rerank for Reranker {
+    fn rerank(
         &self,
         query: String,
         documents: Vec<String>,
         priority: Priority,
-    ) -> Result<RerankScores, EngineError> {
-        let _permit = self.admission.try_admit()?;
-        let tokenizer = Arc::clone(&self.tokenizer);
-        let policy = self.limits.length;
-        let pairs = tokio::task::spawn_blocking(move || tokenizer.encode_pairs(&query, &documents, policy))
-            .await
-            .unwrap_or_else(|join| {
-                Err(EngineError::Tokenize { subject: Subject::Query, message: join.to_string() })
-            })?;
-        let n_tokens = pairs.iter().map(Sequence::len).sum();
-        let logits = self.worker.encode(pairs, priority).await?;
-        Ok(RerankScores { scores: logits.into_iter().map(sigmoid).collect(), n_tokens })
+    ) -> BoxFuture<'_, Result<RerankScores, EngineError>> {
+        Box::pin(self.run(query, documents, priority))
     }
 }
 
-async fn bi_encoder_scores(
-    embedder: &Embedder,
+async fn cross_encoder_scores(
+    service: &EncoderService<f32>,
     query: String,
     documents: Vec<String>,
     priority: Priority,
 ) -> Result<RerankScores, EngineError> {
-    let _permit = embedder.admission().try_admit()?;
-    let subjects =
-        std::iter::once(Subject::Query).chain((0..documents.len()).map(Subject::Document)).collect();
+    let _permit = service.admission.try_admit()?;
+    let limits = service.limits;
+    limits.check_count(documents.len(), "documents")?;
+    let tokenizer = Arc::clone(&service.tokenizer);
+    let pairs = service
+        .pool
+        .run(priority, move |caller| {
+            let query = tokenizer.encode_query(&query, limits.length)?;
+            let mut total = 0;
+            let mut pairs = Vec::with_capacity(documents.len());
+            for (i, document) in documents.iter().enumerate() {
+                if caller.gone() {
+                    return Err(EngineError::Internal { message: "the caller left".into() });
+                }
+                let pair = tokenizer.encode_pair(&query, document, limits.length, Subject::Document(i))?;
+                total += pair.len();
+                if total > limits.max_tokens {
+                    return Err(EngineError::TooManyTokens { max: limits.max_tokens });
+                }
+                pairs.push(pair);
+            }
+            Ok(pairs)
+        })
+        .await??;
+    let n_tokens = pairs.iter().map(Sequence::len).sum();
+    let logits = service.worker.encode(pairs, priority).await?;
+    Ok(RerankScores { scores: logits.into_iter().map(sigmoid).collect(), n_tokens })
+}
+
+async fn bi_encoder_scores(
+    embedder: &Embedder,
+    limits: TextLimits,
+    query: String,
+    documents: Vec<String>,
+    priority: Priority,
+) -> Result<RerankScores, EngineError> {
+    let service = embedder.service();
+    let subject = |i| if i == 0 { Subject::Query } else { Subject::Document(i - 1) };
     let texts = std::iter::once(query).chain(documents).collect();
-    let sequences = tokenize_texts(embedder.tokenizer(), texts, subjects, embedder.limits().length).await?;
+    let sequences = service.tokenize(texts, subject, limits, priority).await?;
     let n_tokens = sequences.iter().map(Sequence::len).sum();
-    let vectors = embedder.worker().encode(sequences, priority).await?;
+    let vectors = service.worker.encode(sequences, priority).await?;
     let (query_vector, document_vectors) = vectors.split_first().ok_or_else(|| EngineError::Backend {
-        model: Arc::clone(embedder.worker().model()),
+        model: Arc::clone(service.worker.model()),
         message: "no vector for the query".into(),
     })?;
     let scores = document_vectors.iter().map(|d| cosine(query_vector, d)).collect();
@@ -140,27 +184,13 @@ pub fn sigmoid(logit: f32) -> f32 {
     1.0 / (1.0 + (-logit).exp())
 }
 
-/// Cosine similarity; 0 when either vector is zero.
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-    let norms = a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norms > 0.0 {
-        dot / norms
-    } else {
-        0.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn sigmoid_and_cosine_known_values() {
+    fn sigmoid_known_values() {
         assert_eq!(sigmoid(0.0), 0.5);
         assert!((sigmoid(2.0) - 0.880_797_1).abs() < 1e-6);
-        assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
-        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
-        assert_eq!(cosine(&[1.0, 2.0], &[-1.0, -2.0]), -1.0);
     }
 }

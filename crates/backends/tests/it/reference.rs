@@ -1,19 +1,36 @@
-//! candle's forward passes against outputs computed independently in float64 numpy
+//! Hearth's encoder forward passes against outputs computed independently in float64 numpy
 //! (`scripts/reference/bert_numpy.py`) for tiny random-weight models in the real layouts
 //! (`scripts/gen_tiny_models.py`). All cases run as one right-padded batch, so masking, padding ids
-//! and position handling are exercised too.
+//! and position handling are exercised too; f16 and bf16 run the GPU dtypes on the CPU.
 
 use std::path::PathBuf;
 
-use hearth_backends::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, ModelDir};
+use hearth_backends::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, ModelDir, ModelsRoot};
 use hearth_engine::encoder::{EncoderModel, Sequence};
-use hearth_engine::{Device, Pooling};
+use hearth_engine::vector::normalized as unit;
+use hearth_engine::{DType, Device, Pooling};
 use serde::Deserialize;
 
-const TOLERANCE: f32 = 1e-4;
+/// Largest difference allowed from the float64 reference, per dtype: f32 rounding; f16 (11-bit
+/// mantissa) and bf16 (8-bit) rounding accumulated over two layers.
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => 1e-2,
+        DType::Bf16 => 6e-2,
+        _ => 1e-4,
+    }
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
+}
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(name)
+    fixtures().join(name)
+}
+
+fn inspect(name: &str) -> ModelDir {
+    ModelDir::inspect(&fixture(name), &ModelsRoot::new(&fixtures()).unwrap()).unwrap()
 }
 
 #[derive(Deserialize)]
@@ -52,29 +69,33 @@ fn read<T: for<'de> Deserialize<'de>>(name: &str) -> T {
     serde_json::from_str(&text).unwrap()
 }
 
-fn unit(v: &[f32]) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter().map(|x| x / norm).collect()
-}
-
-fn assert_close(actual: &[f32], expected: &[f32], what: &str) {
+fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32, what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!((a - e).abs() <= TOLERANCE, "{what}[{i}]: candle {a} vs reference {e}");
+        assert!((a - e).abs() <= tolerance, "{what}[{i}]: Hearth {a} vs reference {e}");
     }
 }
 
 fn cpu(pooling: Option<Pooling>, normalize: Option<bool>) -> EncoderOptions {
-    EncoderOptions { device: Device::Cpu, pooling, normalize, ..Default::default() }
+    EncoderOptions { device: Device::Cpu, dtype: DType::F32, pooling, normalize }
 }
 
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
+
 /// Loads `name` as an embedder with `options`, embeds every case in one batch, and compares with
-/// `expected(case)`.
+/// `expected(case)`, in every dtype.
 fn check_embedder(name: &str, options: EncoderOptions, expected: impl Fn(&EmbedCase) -> Vec<f32>) {
+    for dtype in DTYPES {
+        check_embedder_in(name, EncoderOptions { dtype, ..options }, &expected);
+    }
+}
+
+fn check_embedder_in(name: &str, options: EncoderOptions, expected: &impl Fn(&EmbedCase) -> Vec<f32>) {
     let reference: EmbedReference = read(name);
-    let dir = ModelDir::inspect(&fixture(name)).unwrap();
+    let dir = inspect(name);
     let (mut model, info) = CandleEmbedder::load(&dir, &options).unwrap();
     assert_eq!(info.dims, 32);
+    assert_eq!(info.dtype, options.dtype);
     let sequences: Vec<Sequence> = reference
         .cases
         .iter()
@@ -84,7 +105,12 @@ fn check_embedder(name: &str, options: EncoderOptions, expected: impl Fn(&EmbedC
     let outputs = model.forward(&batch).unwrap();
     assert_eq!(outputs.len(), reference.cases.len());
     for (i, (output, case)) in outputs.iter().zip(&reference.cases).enumerate() {
-        assert_close(output, &expected(case), &format!("{name} {options:?} case {i}"));
+        assert_close(
+            output,
+            &expected(case),
+            tolerance(options.dtype),
+            &format!("{name} {options:?} case {i}"),
+        );
     }
 }
 
@@ -119,10 +145,18 @@ fn xlm_roberta_embedder_defaults_come_from_sentence_transformers_files() {
 }
 
 fn check_cross_encoder(name: &str) {
+    for dtype in DTYPES {
+        check_cross_encoder_in(name, dtype);
+    }
+}
+
+fn check_cross_encoder_in(name: &str, dtype: DType) {
     let reference: RerankReference = read(name);
-    let dir = ModelDir::inspect(&fixture(name)).unwrap();
+    let dir = inspect(name);
     assert_eq!(dir.head, Head::SequenceClassification { num_labels: 1 });
-    let (mut model, _) = CandleCrossEncoder::load(&dir, &cpu(None, None)).unwrap();
+    let (mut model, _) =
+        CandleCrossEncoder::load(&dir, &EncoderOptions { dtype, ..cpu(None, None) }).unwrap();
+    let tolerance = tolerance(dtype);
     let sequences: Vec<Sequence> = reference
         .cases
         .iter()
@@ -130,10 +164,10 @@ fn check_cross_encoder(name: &str) {
         .collect();
     let logits = model.forward(&sequences.iter().collect::<Vec<_>>()).unwrap();
     let expected: Vec<f32> = reference.cases.iter().map(|c| c.logit).collect();
-    assert_close(&logits, &expected, name);
+    assert_close(&logits, &expected, tolerance, name);
     // One at a time gives the same logits as the padded batch.
     for (sequence, want) in sequences.iter().zip(&expected) {
-        assert_close(&model.forward(&[sequence]).unwrap(), &[*want], name);
+        assert_close(&model.forward(&[sequence]).unwrap(), &[*want], tolerance, name);
     }
 }
 
@@ -149,24 +183,58 @@ fn xlm_roberta_cross_encoder_layout() {
 
 #[test]
 fn model_dirs_are_classified() {
-    let embed = ModelDir::inspect(&fixture("tiny-bert-embed")).unwrap();
+    let embed = inspect("tiny-bert-embed");
     assert_eq!(embed.head, Head::None);
     assert_eq!(embed.max_positions, 64);
     let st = embed.sentence_transformers.unwrap();
     assert_eq!((st.pooling, st.normalize, st.max_seq_length), (Some(Ok(Pooling::Mean)), true, Some(24)));
-    let xlmr = ModelDir::inspect(&fixture("tiny-xlmr-embed")).unwrap();
+    let xlmr = inspect("tiny-xlmr-embed");
     assert_eq!(xlmr.max_positions, 64, "XLM-R positions start after the padding id");
     assert_eq!(xlmr.pad_token_id, 1);
 }
 
 #[test]
 fn wrong_heads_are_refused_with_a_reason() {
-    let reranker = ModelDir::inspect(&fixture("tiny-bert-reranker")).unwrap();
+    let reranker = inspect("tiny-bert-reranker");
     let err = CandleEmbedder::load(&reranker, &cpu(None, None)).err().unwrap().to_string();
     assert!(err.contains("serve it as kind `rerank`"), "{err}");
-    let embedder = ModelDir::inspect(&fixture("tiny-bert-embed")).unwrap();
+    let embedder = inspect("tiny-bert-embed");
     let err = CandleCrossEncoder::load(&embedder, &cpu(None, None)).err().unwrap().to_string();
     assert!(err.contains("not a cross-encoder"), "{err}");
-    let err = ModelDir::inspect(&fixture("does-not-exist")).unwrap_err().to_string();
-    assert!(err.contains("config.json"), "{err}");
+    let root = ModelsRoot::new(&fixtures()).unwrap();
+    let err = ModelDir::inspect(&fixture("does-not-exist"), &root).unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn attention_in_blocks_of_one_row_matches_attention_in_one_block() {
+    use hearth_backends::bert::{BertEncoder, EncoderConfig, PaddedBatch};
+    for name in ["tiny-bert-embed", "tiny-xlmr-embed"] {
+        let dir = inspect(name);
+        let reference: EmbedReference = read(name);
+        let config: EncoderConfig =
+            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
+                .unwrap();
+        let load = || {
+            let files = [fixture(name).join("model.safetensors")];
+            // SAFETY: test fixtures are not modified while mapped.
+            let vb = unsafe {
+                candle_nn::VarBuilder::from_mmaped_safetensors(
+                    &files,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+            }
+            .unwrap();
+            BertEncoder::load(vb, &config, dir.architecture, dir.pad_token_id).unwrap()
+        };
+        let batch = PaddedBatch::new(
+            reference.cases.iter().map(|c| (c.input_ids.as_slice(), c.token_type_ids.as_slice())),
+            dir.pad_token_id,
+        );
+        let whole = load().forward(&batch).unwrap();
+        let by_row = load().with_attention_block_bytes(1).forward(&batch).unwrap();
+        let diff = (whole - by_row).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{name}: blockwise attention differs by {diff}");
+    }
 }

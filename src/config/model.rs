@@ -1,0 +1,525 @@
+//! `[[models]]` entries, shaped per kind. An entry's table is first merged with its preset's
+//! `[defaults]` (keys the entry sets win), then split into the keys every model takes
+//! ([`COMMON_KEYS`]) and the options of its kind, and each part is read once with unknown keys
+//! refused. New kinds add their own options type and key list here.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hearth_backends::{is_plain_relative, Architecture};
+use hearth_engine::encoder::BatchLimits;
+use hearth_engine::{DType, Device, ModelKind, Pooling};
+use serde::Deserialize;
+use toml::de::DeTable;
+use toml::Spanned;
+
+use super::{check_keys, invalid, positive, read, ConfigError, Origin};
+use crate::catalogue::{self, Preset};
+
+/// Keys every model entry takes, whatever its kind.
+const COMMON_KEYS: &[&str] =
+    &["id", "kind", "preset", "source", "files", "device", "dtype", "max_concurrent_requests", "queue_depth"];
+
+/// Keys only a config entry may set (a preset's `[defaults]` may not).
+pub(crate) const IDENTITY_KEYS: &[&str] = &["id", "kind", "preset", "source", "files"];
+
+/// Options of encoder models (the `embedding` and `rerank` kinds).
+const ENCODER_KEYS: &[&str] = &[
+    "architecture",
+    "pooling",
+    "normalize",
+    "max_input_tokens",
+    "truncate",
+    "max_batch_tokens",
+    "max_batch_size",
+    "max_batch_memory_mib",
+    "max_inputs_per_request",
+    "max_tokens_per_request",
+];
+
+/// Options only `rerank` entries take.
+const RERANK_KEYS: &[&str] = &["scoring", "embedding_model"];
+
+/// The keys an entry of `kind` may set, common ones included.
+pub(crate) fn allowed_keys(kind: ModelKind) -> Vec<&'static str> {
+    let kind_keys: &[&[&str]] = match kind {
+        ModelKind::Embedding => &[ENCODER_KEYS],
+        ModelKind::Rerank => &[ENCODER_KEYS, RERANK_KEYS],
+        ModelKind::Llm | ModelKind::Stt | ModelKind::Tts => &[],
+    };
+    COMMON_KEYS.iter().chain(kind_keys.iter().flat_map(|keys| keys.iter())).copied().collect()
+}
+
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 16_384;
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
+
+/// Server-wide values entries fall back on.
+pub(super) struct Defaults {
+    pub max_concurrent_requests: usize,
+    pub queue_depth: usize,
+    pub max_inputs_per_request: usize,
+    pub max_tokens_per_request: usize,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommon {
+    id: Option<String>,
+    /// Read and checked by [`RawHead`] already.
+    #[serde(rename = "kind")]
+    _kind: Option<serde::de::IgnoredAny>,
+    preset: Option<String>,
+    source: Option<String>,
+    files: Option<Vec<String>>,
+    device: Option<String>,
+    dtype: Option<DType>,
+    max_concurrent_requests: Option<usize>,
+    queue_depth: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncoder {
+    architecture: Option<String>,
+    pooling: Option<Pooling>,
+    normalize: Option<bool>,
+    max_input_tokens: Option<usize>,
+    truncate: Option<bool>,
+    max_batch_tokens: Option<usize>,
+    max_batch_size: Option<usize>,
+    max_batch_memory_mib: Option<usize>,
+    max_inputs_per_request: Option<usize>,
+    max_tokens_per_request: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRerank {
+    scoring: Option<ScoringChoice>,
+    embedding_model: Option<String>,
+}
+
+/// Only `kind` and `preset`, read first to know which options to expect.
+#[derive(Deserialize)]
+struct RawHead {
+    kind: Option<ModelKind>,
+    preset: Option<String>,
+}
+
+/// How a rerank model scores: decided by the checkpoint's head unless forced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoringChoice {
+    /// Cross-encoder when the weights have a sequence-classification head, else bi-encoder.
+    #[default]
+    Auto,
+    CrossEncoder,
+    BiEncoder,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face hub repository at a revision, limited to files matching `files`.
+    Hub { repo: String, revision: String, files: Vec<String> },
+    /// A directory inside the models directory, by its plain relative path.
+    Local(PathBuf),
+}
+
+impl fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hub { repo, revision, .. } => write!(f, "hf:{repo}@{revision}"),
+            Self::Local(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Weights a model entry loads, and where they run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Weights {
+    pub source: ModelSource,
+    pub device: Device,
+    pub dtype: DType,
+    /// Requests that may wait for the model's owner thread.
+    pub queue_depth: usize,
+}
+
+/// Per-request limits of a text model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextConfig {
+    /// `None`: the model's own limit (sentence-transformers' `max_seq_length`, else its positions).
+    pub max_input_tokens: Option<usize>,
+    pub truncate: bool,
+    pub max_inputs_per_request: usize,
+    pub max_tokens_per_request: usize,
+}
+
+/// An encoder model (embedder or reranker) loaded from weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncoderConfig {
+    pub weights: Weights,
+    pub architecture: Option<Architecture>,
+    pub pooling: Option<Pooling>,
+    pub normalize: Option<bool>,
+    pub text: TextConfig,
+    pub batch: BatchLimits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RerankConfig {
+    /// A reranker with weights of its own (a cross-encoder, or an encoder used as a bi-encoder).
+    Load { encoder: EncoderConfig, scoring: ScoringChoice },
+    /// A bi-encoder over the already-configured embedding model `embedding_model`: no second copy
+    /// of the weights, its queue and owner thread shared.
+    SharedEmbedder { embedding_model: Arc<str>, text: TextConfig },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KindConfig {
+    Embedding(EncoderConfig),
+    Rerank(RerankConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub id: Arc<str>,
+    pub kind: ModelKind,
+    pub preset: Option<String>,
+    /// Requests admitted at once (tokenizing, queued or running); more get 429.
+    pub max_concurrent_requests: usize,
+    pub options: KindConfig,
+}
+
+impl ModelConfig {
+    /// The weights this entry loads itself (`None` when it shares another entry's).
+    pub fn weights(&self) -> Option<&Weights> {
+        match &self.options {
+            KindConfig::Embedding(encoder) | KindConfig::Rerank(RerankConfig::Load { encoder, .. }) => {
+                Some(&encoder.weights)
+            }
+            KindConfig::Rerank(RerankConfig::SharedEmbedder { .. }) => None,
+        }
+    }
+
+    /// The entry whose loaded model this one uses, if any.
+    pub fn shares(&self) -> Option<&Arc<str>> {
+        match &self.options {
+            KindConfig::Rerank(RerankConfig::SharedEmbedder { embedding_model, .. }) => Some(embedding_model),
+            _ => None,
+        }
+    }
+
+    /// Where the weights come from, for humans (`hearth check`, logs).
+    pub fn describe_source(&self) -> String {
+        match (self.weights(), self.shares()) {
+            (Some(weights), _) => weights.source.to_string(),
+            (None, Some(shared)) => format!("the weights of `{shared}`"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Splits `table` into the entries whose keys are in `keys` and the rest.
+fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, keys: &[&str]) -> Spanned<DeTable<'i>> {
+    let mut part = DeTable::new();
+    for key in keys {
+        if let Some((k, v)) = table.get_mut().remove_entry(*key) {
+            part.insert(k, v);
+        }
+    }
+    Spanned::new(table.span(), part)
+}
+
+/// Reads `[[models]]` entry `i`.
+pub(super) fn parse_entry(
+    i: usize,
+    mut entry: Spanned<DeTable<'_>>,
+    origin: Origin,
+    models_dir: &Path,
+    defaults: &Defaults,
+) -> Result<ModelConfig, ConfigError> {
+    let prefix = format!("models[{i}].");
+    let field = |name: &str| format!("{prefix}{name}");
+    // Other keys are skipped unread here; they are read (and checked) once the kind is known.
+    let head: RawHead = read(Spanned::new(entry.span(), entry.get_ref().clone()), origin, &prefix)?;
+    let preset: Option<&'static Preset> = match &head.preset {
+        None => None,
+        Some(name) => Some(catalogue::find(name).ok_or_else(|| {
+            invalid(
+                field("preset"),
+                format!("no preset `{name}`; known presets: {}", catalogue::names().join(", ")),
+            )
+        })?),
+    };
+    let kind = match (head.kind, preset) {
+        (Some(kind), Some(p)) if kind != p.kind => {
+            return Err(invalid(
+                field("kind"),
+                format!("is `{kind}` but preset `{}` has kind `{}`", p.name, p.kind),
+            ))
+        }
+        (Some(kind), _) => kind,
+        (None, Some(p)) => p.kind,
+        (None, None) => {
+            return Err(invalid(
+                field("kind"),
+                "is required (one of `llm`, `stt`, `tts`, `embedding`, `rerank`)",
+            ))
+        }
+    };
+    if !matches!(kind, ModelKind::Embedding | ModelKind::Rerank) {
+        return Err(invalid(
+            field("kind"),
+            format!(
+                "`{kind}` models are not supported by this version yet; supported: `embedding`, `rerank`"
+            ),
+        ));
+    }
+    check_keys(entry.get_ref(), &allowed_keys(kind), origin, &prefix, &format!("`{kind}` models"))?;
+
+    // The preset's defaults fill in what the entry does not set.
+    let mut from_preset = Vec::new();
+    if let Some(p) = preset {
+        let allowed = allowed_keys(kind);
+        for (key, value) in p.defaults.iter() {
+            let name: &str = key.get_ref();
+            if IDENTITY_KEYS.contains(&name) || !allowed.contains(&name) {
+                // The catalogue is compiled in and tested; this is a build defect.
+                return Err(invalid(
+                    field("preset"),
+                    format!("preset `{}` sets `{name}`, which presets cannot set", p.name),
+                ));
+            }
+            if !entry.get_ref().contains_key(name) {
+                from_preset.push(key.get_ref().to_string());
+                entry.get_mut().insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let origin =
+        Origin { text: origin.text, preset: preset.map(|p| (p.name.as_str(), from_preset.as_slice())) };
+
+    let common: RawCommon = read(split_off(&mut entry, COMMON_KEYS), origin, &prefix)?;
+    let rerank: RawRerank = read(split_off(&mut entry, RERANK_KEYS), origin, &prefix)?;
+    let encoder: RawEncoder = read(entry, origin, &prefix)?;
+
+    let id =
+        common.id.clone().filter(|id| !id.is_empty()).ok_or_else(|| invalid(field("id"), "is required"))?;
+    if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c))) {
+        return Err(invalid(
+            field("id"),
+            format!("`{id}` contains `{bad}`; use letters, digits and `._:/-`"),
+        ));
+    }
+    let max_concurrent_requests = positive(
+        &field("max_concurrent_requests"),
+        common.max_concurrent_requests,
+        defaults.max_concurrent_requests,
+    )?;
+    let text = TextConfig {
+        max_input_tokens: match encoder.max_input_tokens {
+            Some(n) if n < 3 => return Err(invalid(field("max_input_tokens"), "must be at least 3")),
+            other => other,
+        },
+        // Rerank documents are cut to fit beside the query unless told otherwise, as Cohere and
+        // Jina do; embedding inputs are refused when too long unless truncation is asked for.
+        truncate: encoder.truncate.unwrap_or(kind == ModelKind::Rerank),
+        max_inputs_per_request: positive(
+            &field("max_inputs_per_request"),
+            encoder.max_inputs_per_request,
+            defaults.max_inputs_per_request,
+        )?,
+        max_tokens_per_request: positive(
+            &field("max_tokens_per_request"),
+            encoder.max_tokens_per_request,
+            defaults.max_tokens_per_request,
+        )?,
+    };
+
+    if let Some(target) = rerank.embedding_model {
+        // A bi-encoder over another entry's model: nothing about loading weights may be set here.
+        let loading_keys: Vec<&str> = [
+            ("preset", common.preset.is_some()),
+            ("source", common.source.is_some()),
+            ("files", common.files.is_some()),
+            ("device", common.device.is_some()),
+            ("dtype", common.dtype.is_some()),
+            ("queue_depth", common.queue_depth.is_some()),
+            ("architecture", encoder.architecture.is_some()),
+            ("pooling", encoder.pooling.is_some()),
+            ("normalize", encoder.normalize.is_some()),
+            ("max_batch_tokens", encoder.max_batch_tokens.is_some()),
+            ("max_batch_size", encoder.max_batch_size.is_some()),
+            ("max_batch_memory_mib", encoder.max_batch_memory_mib.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if let Some(key) = loading_keys.first() {
+            return Err(invalid(
+                field(key),
+                format!(
+                    "cannot be set with `embedding_model`: the model `{target}` is loaded by its own entry"
+                ),
+            ));
+        }
+        if rerank.scoring == Some(ScoringChoice::CrossEncoder) {
+            return Err(invalid(field("scoring"), "an `embedding_model` reranks as a bi-encoder"));
+        }
+        return Ok(ModelConfig {
+            id: id.into(),
+            kind,
+            preset: None,
+            max_concurrent_requests,
+            options: KindConfig::Rerank(RerankConfig::SharedEmbedder {
+                embedding_model: target.into(),
+                text,
+            }),
+        });
+    }
+
+    let source_text = common.source.as_deref().or(preset.map(|p| p.source.as_str())).ok_or_else(|| {
+        invalid(
+            field("source"),
+            "is required (`hf:org/name[@revision]` or a directory in the models directory), or name a `preset` \
+             or (for `rerank`) an `embedding_model`",
+        )
+    })?;
+    // The preset's file list belongs to the preset's source, not to a source given here.
+    let files = match (&common.source, preset) {
+        (None, Some(p)) => common.files.or_else(|| Some(p.files.clone())),
+        _ => common.files,
+    };
+    let source = parse_source(source_text, files, models_dir).map_err(|m| invalid(field("source"), m))?;
+    let device = match &common.device {
+        None => Device::Auto,
+        Some(text) => text.parse().map_err(|m: String| invalid(field("device"), m))?,
+    };
+    let weights = Weights {
+        source,
+        device,
+        dtype: common.dtype.unwrap_or_default(),
+        queue_depth: positive(&field("queue_depth"), common.queue_depth, defaults.queue_depth)?,
+    };
+    let encoder_config = EncoderConfig {
+        weights,
+        architecture: match &encoder.architecture {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|m: String| invalid(field("architecture"), m))?),
+        },
+        pooling: encoder.pooling,
+        normalize: encoder.normalize,
+        text,
+        batch: BatchLimits {
+            max_batch_tokens: positive(
+                &field("max_batch_tokens"),
+                encoder.max_batch_tokens,
+                DEFAULT_MAX_BATCH_TOKENS,
+            )?,
+            max_batch_size: positive(
+                &field("max_batch_size"),
+                encoder.max_batch_size,
+                DEFAULT_MAX_BATCH_SIZE,
+            )?,
+            max_batch_bytes: match encoder.max_batch_memory_mib {
+                None => None,
+                Some(mib) => {
+                    Some(positive(&field("max_batch_memory_mib"), Some(mib), 1)?.saturating_mul(1 << 20))
+                }
+            },
+        },
+    };
+    let options = match kind {
+        ModelKind::Embedding => {
+            if rerank.scoring.is_some() {
+                return Err(invalid(field("scoring"), "applies only to `rerank` models"));
+            }
+            KindConfig::Embedding(encoder_config)
+        }
+        _ => KindConfig::Rerank(RerankConfig::Load {
+            encoder: encoder_config,
+            scoring: rerank.scoring.unwrap_or_default(),
+        }),
+    };
+    Ok(ModelConfig {
+        id: id.into(),
+        kind,
+        preset: preset.map(|p| p.name.clone()),
+        max_concurrent_requests,
+        options,
+    })
+}
+
+/// Entries that use another entry's model must name an existing `embedding` entry with weights of
+/// its own.
+pub(super) fn check_references(models: &[ModelConfig]) -> Result<(), ConfigError> {
+    for (i, model) in models.iter().enumerate() {
+        let Some(target) = model.shares() else { continue };
+        let field = format!("models[{i}].embedding_model");
+        match models.iter().find(|m| m.id == *target) {
+            None => return Err(invalid(field, format!("no model `{target}` is configured"))),
+            Some(t) if t.kind != ModelKind::Embedding => {
+                return Err(invalid(
+                    field,
+                    format!("`{target}` has kind `{}`; it must be an `embedding` model", t.kind),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Default file patterns for hub sources of encoder models.
+pub const DEFAULT_ENCODER_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "*.safetensors",
+    "modules.json",
+    "sentence_bert_config.json",
+    "*_Pooling/config.json",
+];
+
+/// `hf:org/name[@revision]`, or a directory inside the models directory by a plain relative path
+/// (no `..`, no leading `/`), so a config cannot point Hearth at files outside it.
+pub fn parse_source(
+    text: &str,
+    files: Option<Vec<String>>,
+    models_dir: &Path,
+) -> Result<ModelSource, String> {
+    if let Some(spec) = text.strip_prefix("hf:") {
+        let (repo, revision) = match spec.split_once('@') {
+            Some((repo, revision)) if !revision.is_empty() => (repo, revision),
+            Some(_) => return Err(format!("`{text}` has an empty revision after `@`")),
+            None => (spec, "main"),
+        };
+        let well_formed = repo.split('/').count() == 2
+            && repo.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if !well_formed {
+            return Err(format!("`{text}` is not `hf:org/name[@revision]`"));
+        }
+        let files = files.unwrap_or_else(|| DEFAULT_ENCODER_FILES.iter().map(|s| s.to_string()).collect());
+        for pattern in &files {
+            glob::Pattern::new(pattern).map_err(|e| format!("file pattern `{pattern}`: {e}"))?;
+            if !is_plain_relative(Path::new(pattern)) {
+                return Err(format!("file pattern `{pattern}` must be a plain relative path"));
+            }
+        }
+        return Ok(ModelSource::Hub { repo: repo.into(), revision: revision.into(), files });
+    }
+    if text.is_empty() {
+        return Err("is empty".into());
+    }
+    if files.is_some() {
+        return Err("`files` applies only to `hf:` sources".into());
+    }
+    if text.starts_with('~') || !is_plain_relative(Path::new(text)) {
+        return Err(format!(
+            "`{text}` is not a directory inside the models directory ({}): use its name there (no `..`, \
+             no leading `/` or `~`), copy it in with `hearth models pull DIR --as NAME`, or set `models_dir`",
+            models_dir.display()
+        ));
+    }
+    Ok(ModelSource::Local(models_dir.join(text)))
+}

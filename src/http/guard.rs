@@ -1,0 +1,159 @@
+//! Guards that run before any handler reads a body:
+//! - the `Host` check: while Hearth listens on loopback, a request naming any other host is 403.
+//!   A web page on `evil.example` whose DNS name is rebound to 127.0.0.1 still sends
+//!   `Host: evil.example`, so it cannot reach a local Hearth (the attack class of Ollama's
+//!   CVE-2024-28224);
+//! - a per-route limit on requests in flight, refused at once with 429, so that no more than
+//!   `max_concurrent_requests_per_route` bodies (each up to `max_request_body_bytes`) are ever held.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header::HOST;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+use crate::config::ServerConfig;
+
+/// Which `Host` values are answered.
+#[derive(Clone, Debug)]
+pub struct HostPolicy {
+    /// Check at all: when listening on loopback, or when `allowed_hosts` is configured.
+    enforce: bool,
+    /// Listening on loopback: only loopback IP literals are this server's addresses.
+    loopback_only: bool,
+    allowed: Arc<[String]>,
+}
+
+impl HostPolicy {
+    pub fn new(server: &ServerConfig) -> Self {
+        let loopback_only = server.listens_on_loopback();
+        Self {
+            enforce: loopback_only || !server.allowed_hosts.is_empty(),
+            loopback_only,
+            allowed: server.allowed_hosts.clone().into(),
+        }
+    }
+
+    /// Whether a request with this `Host` (or authority) value is answered.
+    pub fn permits(&self, host: &str) -> bool {
+        if !self.enforce {
+            return true;
+        }
+        let name = host_name(host);
+        match name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            // An IP address cannot be a rebound name; off loopback it is one of this host's addresses.
+            Ok(ip) => ip.is_loopback() || !self.loopback_only,
+            Err(_) => name == "localhost" || name.ends_with(".localhost") || self.allowed.contains(&name),
+        }
+    }
+}
+
+/// The host part of a `Host` value, lowercased, without port or trailing dot.
+fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let name = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Middleware: 403 for a `Host` the policy does not permit. Requests without one (HTTP/1.0
+/// clients) are no browser's and pass.
+pub async fn check_host(State(policy): State<HostPolicy>, request: Request, next: Next) -> Response {
+    let host =
+        request.uri().authority().map(|a| a.as_str().to_owned()).or_else(|| {
+            request.headers().get(HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        });
+    match host {
+        Some(host) if !policy.permits(&host) => {
+            tracing::warn!(%host, "refused a request for another host (DNS rebinding?)");
+            super::count_unmatched("403");
+            ApiError::HostNotAllowed { host }.into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// A route's cap on requests in flight.
+#[derive(Clone)]
+pub struct RouteLimit {
+    route: &'static str,
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl RouteLimit {
+    pub fn new(route: &'static str, limit: usize) -> Self {
+        Self { route, permits: Arc::new(Semaphore::new(limit)), limit }
+    }
+}
+
+/// Middleware: 429 at once when the route has `limit` requests in flight, before the body is read.
+/// The permit is held until the response is produced.
+pub async fn limit_route(State(limit): State<RouteLimit>, request: Request, next: Next) -> Response {
+    match Arc::clone(&limit.permits).try_acquire_owned() {
+        Ok(permit) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        Err(_) => ApiError::Overloaded {
+            message: format!(
+                "{} has {} requests in flight, this server's limit per route; retry later",
+                limit.route, limit.limit
+            ),
+        }
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(host: &str, allowed: &[&str]) -> HostPolicy {
+        let config = crate::config::Config::parse(
+            &format!("[server]\nhost = \"{host}\"\nallowed_hosts = {allowed:?}\n"),
+            None,
+            &Default::default(),
+        )
+        .unwrap();
+        HostPolicy::new(&config.server)
+    }
+
+    #[test]
+    fn on_loopback_only_loopback_names_and_allowed_hosts_pass() {
+        let p = policy("127.0.0.1", &["hearth.lan"]);
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "LOCALHOST.",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "api.localhost",
+            "hearth.lan:80",
+        ] {
+            assert!(p.permits(ok), "{ok}");
+        }
+        for refused in
+            ["evil.example", "evil.example:8080", "192.168.1.5", "localhost.evil.example", "hearth.lan.evil"]
+        {
+            assert!(!p.permits(refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn off_loopback_the_check_is_on_only_when_hosts_are_configured() {
+        assert!(policy("0.0.0.0", &[]).permits("anything.example"));
+        let p = policy("0.0.0.0", &["hearth.example.com"]);
+        assert!(p.permits("hearth.example.com:8080"));
+        assert!(p.permits("10.1.2.3:8080"), "kubelet probes use the pod IP");
+        assert!(!p.permits("evil.example"));
+    }
+}

@@ -1,0 +1,40 @@
+//! What every request handler and background task can reach: the validated config, the model
+//! registry, the preprocessing pool and the metrics recorder. Its own module so that `http` and
+//! `server` both use it without importing each other.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hearth_engine::pool::BlockingPool;
+use hearth_engine::registry::Registry;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Config;
+use crate::telemetry;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    /// Threads that tokenize (and later decode audio) for every model.
+    pub pool: Arc<BlockingPool>,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Registers every configured model as loading; nothing is loaded yet.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let registry = Registry::new(config.models.iter().map(|m| (Arc::clone(&m.id), m.kind)), created);
+        // The recorder first, so the pool and the models register real metric handles.
+        let metrics = telemetry::metrics();
+        let pool = BlockingPool::new(
+            "preprocess",
+            config.server.preprocess_threads,
+            config.server.preprocess_queue_depth,
+        )
+        .context("cannot start the preprocessing threads")?;
+        Ok(Self { config: Arc::new(config), registry: Arc::new(registry), pool: Arc::new(pool), metrics })
+    }
+}
