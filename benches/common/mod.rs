@@ -1,4 +1,4 @@
-//! What both bench binaries share: how they start, and where and when the figures were taken.
+//! What the bench binaries share: how they start, and where and when the figures were taken.
 
 use std::future::Future;
 use std::process::Command;
@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 /// Runs the bench on a fresh multi-threaded runtime, after pinning candle's CPU thread count as the
 /// `hearth` binary does (it must happen before any thread starts).
+#[allow(dead_code, reason = "the synchronous benches pin the threads themselves")]
 pub fn run(bench: impl Future<Output = ()>) {
     hearth_backends::device::pin_cpu_threads();
     tokio::runtime::Runtime::new().expect("cannot start the tokio runtime").block_on(bench);

@@ -146,7 +146,7 @@ pub struct Config {
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 16 * 1024 * 1024;
-pub const DEFAULT_MAX_CONCURRENT_REQUESTS_PER_ROUTE: usize = 128;
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS_PER_ROUTE: usize = 64;
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 512;
 pub const DEFAULT_QUEUE_DEPTH: usize = 256;
 pub const DEFAULT_MAX_INPUTS_PER_REQUEST: usize = 2048;
@@ -566,6 +566,11 @@ mod tests {
             &["empty revision"],
         );
         check_error("[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:../b\"", &["hf:org/name"]);
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:a/b@../../x\"",
+            &["plain name"],
+        );
+        assert!(parse("[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:a/b@refs/pr/1\"").is_ok());
         check_error(&format!("{LOCAL}files = [\"*.json\"]"), &["`files` applies only to `hf:`"]);
     }
 

@@ -499,6 +499,12 @@ pub fn parse_source(
         if !well_formed {
             return Err(format!("`{text}` is not `hf:org/name[@revision]`"));
         }
+        // The revision names a file in the hub cache (`refs/<revision>`): it must stay inside.
+        if !is_plain_relative(Path::new(revision)) {
+            return Err(format!(
+                "`{text}`: the revision `{revision}` must be a plain name (no `..` or leading `/`)"
+            ));
+        }
         let files = files.unwrap_or_else(|| DEFAULT_ENCODER_FILES.iter().map(|s| s.to_string()).collect());
         for pattern in &files {
             glob::Pattern::new(pattern).map_err(|e| format!("file pattern `{pattern}`: {e}"))?;

@@ -181,9 +181,9 @@ impl<O: Send + 'static> EncoderHandle<O> {
                         return;
                     }
                 };
-                let worker =
-                    Worker::new(model, config, Arc::clone(&worker_queue), Arc::clone(&worker_shared));
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| worker.run())) {
+                let (queue, shared) = (Arc::clone(&worker_queue), Arc::clone(&worker_shared));
+                let run = || Worker::new(model, config, queue, shared).run();
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(run)) {
                     tracing::error!(
                         model = %worker_shared.model,
                         cause = %panic_message(&panic),
