@@ -316,7 +316,7 @@ async fn measure_http(
     let state = load_minilm(models_dir, "").await;
     let server_max_batch_size = match &state.config.models[0].options {
         hearth::config::KindConfig::Embedding(encoder) => encoder.batch.max_batch_size,
-        hearth::config::KindConfig::Rerank(_) => unreachable!("{MODEL} is an embedding model"),
+        _ => unreachable!("{MODEL} is an embedding model"),
     };
     ready_model(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("can listen on 127.0.0.1");

@@ -44,6 +44,14 @@ pub struct Preset {
 
 /// Every file in `models/`; a test checks that none is missing from this list.
 const PRESET_FILES: &[(&str, &str)] = &[
+    ("smollm2-135m-instruct.toml", include_str!("../models/smollm2-135m-instruct.toml")),
+    ("smollm2-1.7b-instruct.toml", include_str!("../models/smollm2-1.7b-instruct.toml")),
+    ("qwen2.5-0.5b-instruct.toml", include_str!("../models/qwen2.5-0.5b-instruct.toml")),
+    ("qwen2.5-1.5b-instruct.toml", include_str!("../models/qwen2.5-1.5b-instruct.toml")),
+    ("qwen2.5-3b-instruct.toml", include_str!("../models/qwen2.5-3b-instruct.toml")),
+    ("qwen2.5-7b-instruct.toml", include_str!("../models/qwen2.5-7b-instruct.toml")),
+    ("llama-3.2-1b-instruct.toml", include_str!("../models/llama-3.2-1b-instruct.toml")),
+    ("llama-3.2-3b-instruct.toml", include_str!("../models/llama-3.2-3b-instruct.toml")),
     ("all-minilm-l6-v2.toml", include_str!("../models/all-minilm-l6-v2.toml")),
     ("bge-small-en-v1.5.toml", include_str!("../models/bge-small-en-v1.5.toml")),
     ("bge-base-en-v1.5.toml", include_str!("../models/bge-base-en-v1.5.toml")),

@@ -177,7 +177,8 @@ fn list_models(store: &Store) -> anyhow::Result<()> {
     println!("model store: {}", store.root().display());
     println!("{:<24} {:<10} {:>8}  {:<10} SOURCE", "PRESET", "KIND", "SIZE", "STATE");
     for preset in catalogue::all() {
-        let state = match config::parse_source(&preset.source, Some(preset.files.clone()), store.root()) {
+        let state = match config::parse_source(&preset.source, Some(preset.files.clone()), &[], store.root())
+        {
             Ok(ModelSource::Hub { repo, revision, .. }) if store.pulled(&repo, &revision).is_some() => {
                 "pulled"
             }
@@ -238,7 +239,9 @@ async fn pull(store: &Store, name: &str, store_name: Option<String>, force: bool
             catalogue::names().join(", ")
         ),
     };
-    match config::parse_source(&source_text, files, store.root()).map_err(|e| anyhow::anyhow!(e))? {
+    match config::parse_source(&source_text, files, config::DEFAULT_ENCODER_FILES, store.root())
+        .map_err(|e| anyhow::anyhow!(e))?
+    {
         ModelSource::Hub { repo, revision, .. } if !crate::store::downloads_allowed() => {
             anyhow::bail!("cannot pull hf:{repo}@{revision}: downloads are off (HF_HUB_OFFLINE is set)")
         }

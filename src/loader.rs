@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use hearth_backends::decoder::{DecoderOptions, GgufFile, LlamaDecoder};
+use hearth_backends::gguf_tokenizer::{self, GgufVocab};
 use hearth_backends::{
     BackendError, CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, LoadedEncoder, ModelDir,
     ModelsRoot,
@@ -14,12 +16,17 @@ use hearth_backends::{
 use hearth_engine::admission::Admission;
 use hearth_engine::embed::{Embedder, EmbeddingInfo, EncoderService, TextLimits};
 use hearth_engine::encoder::{EncoderHandle, EncoderModel, WorkerConfig};
+use hearth_engine::generate::scheduler::{SchedulerConfig, SchedulerHandle};
+use hearth_engine::generate::service::{Generator, GeneratorParts};
+use hearth_engine::generate::template::ChatTemplate;
 use hearth_engine::pool::BlockingPool;
 use hearth_engine::registry::{LoadState, Registry, Served};
 use hearth_engine::rerank::Reranker;
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 
-use crate::config::{EncoderConfig, KindConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig};
+use crate::config::{
+    EncoderConfig, KindConfig, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig,
+};
 use crate::state::AppState;
 use crate::store::{downloads_allowed, Store};
 
@@ -43,6 +50,7 @@ impl Loader {
 
     pub async fn load(&self, config: &ModelConfig) -> anyhow::Result<Served> {
         match &config.options {
+            KindConfig::Llm(llm) => Ok(Served::Llm(Arc::new(self.generator(config, llm).await?))),
             KindConfig::Embedding(encoder) => {
                 let dir = self.inspect(encoder).await?;
                 Ok(Served::Embedding(Arc::new(self.embedder(config, encoder, dir).await?)))
@@ -88,6 +96,82 @@ impl Loader {
                 Ok(Served::Rerank(Reranker::BiEncoder { embedder, limits, admission }))
             }
         }
+    }
+
+    /// An LLM: its GGUF, its tokenizer (`tokenizer.json` beside the GGUF, else the GGUF's own
+    /// vocabulary), its chat template (the config's, else the model's), and its scheduler.
+    async fn generator(&self, config: &ModelConfig, llm: &LlmConfig) -> anyhow::Result<Generator> {
+        let dir = self.store.resolve(&llm.weights.source, downloads_allowed()).await?;
+        let root = self.store.root().to_owned();
+        let file = llm.file.clone();
+        let (path, vocab) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let root = ModelsRoot::new(&root)?;
+            let path = find_gguf(&dir, file.as_deref(), &root)?;
+            let gguf = GgufFile::open(&path)?;
+            let mut vocab = gguf_tokenizer::from_gguf(&gguf.metadata());
+            if let Some(json) = root.join(&dir, "tokenizer.json")? {
+                let tokenizer = tokenizers::Tokenizer::from_file(&json)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", json.display()))?;
+                // The GGUF still says which tokens begin and end sequences.
+                vocab = vocab.map(|v| GgufVocab { tokenizer, ..v });
+            }
+            Ok((path, vocab?))
+        })
+        .await??;
+        let template_source = llm.chat_template.clone().or_else(|| vocab.chat_template.clone());
+        let template = match &template_source {
+            Some(source) => {
+                Some(ChatTemplate::new(source, &vocab.bos_text, &vocab.eos_text).with_context(|| {
+                    format!("the chat template of model `{}` does not compile", config.id)
+                })?)
+            }
+            None => {
+                tracing::warn!(model = %config.id, "the model has no chat template and the config sets none; \
+                    /v1/chat/completions will refuse it (set `chat_template`)");
+                None
+            }
+        };
+        let tokenizer = Arc::new(vocab.tokenizer);
+        let scheduler_config = SchedulerConfig {
+            model: Arc::clone(&config.id),
+            queue_depth: llm.weights.queue_depth,
+            max_running_sequences: llm.max_running_sequences,
+            max_batch_tokens: llm.max_batch_tokens,
+            kv_budget_bytes: llm.kv_cache_bytes,
+            prefix_cache: llm.prefix_cache,
+            eos_ids: vocab.eos_ids.clone(),
+        };
+        let options = DecoderOptions {
+            device: llm.weights.device,
+            context_length: llm.context_length,
+            ..Default::default()
+        };
+        let load_path = path.clone();
+        let (scheduler, loaded) =
+            SchedulerHandle::start(scheduler_config, Arc::clone(&tokenizer), move || {
+                LlamaDecoder::load(&load_path, &options).map_err(Into::into)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("cannot load model `{}` from {}", config.id, path.display()))?;
+        tracing::info!(
+            model = %config.id,
+            architecture = ?loaded.arch,
+            layers = loaded.layers,
+            context_length = scheduler.max_sequence_tokens(),
+            tensors = %loaded.tensor_types,
+            device = %loaded.device,
+            "model loaded"
+        );
+        Ok(Generator::new(GeneratorParts {
+            tokenizer,
+            template,
+            bos: if vocab.add_bos { vocab.bos } else { None },
+            default_max_tokens: llm.max_tokens,
+            scheduler,
+            admission: Admission::new(Arc::clone(&config.id), config.max_concurrent_requests),
+            pool: Arc::clone(&self.pool),
+        }))
     }
 
     async fn inspect(&self, encoder: &EncoderConfig) -> anyhow::Result<ModelDir> {
@@ -163,6 +247,27 @@ impl Loader {
         let admission = Admission::new(Arc::clone(&config.id), config.max_concurrent_requests);
         let service = EncoderService { tokenizer, worker, limits, admission, pool: Arc::clone(&self.pool) };
         Ok((service, loaded))
+    }
+}
+
+/// The model's `.gguf` file: `file` if the config names one, else the only one in `dir`.
+fn find_gguf(dir: &std::path::Path, file: Option<&str>, root: &ModelsRoot) -> anyhow::Result<PathBuf> {
+    if let Some(file) = file {
+        return root.join(dir, file)?.with_context(|| format!("{} has no {file}", dir.display()));
+    }
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".gguf"))
+        .collect();
+    found.sort();
+    match found.as_slice() {
+        [one] => root.join(dir, one)?.with_context(|| format!("{} vanished", dir.join(one).display())),
+        [] => bail!("{} has no .gguf file", dir.display()),
+        many => {
+            bail!("{} has several .gguf files ({}); set `file` to choose one", dir.display(), many.join(", "))
+        }
     }
 }
 

@@ -20,8 +20,8 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub use self::model::{
-    parse_source, EncoderConfig, KindConfig, ModelConfig, ModelSource, RerankConfig, ScoringChoice,
-    TextConfig, Weights, DEFAULT_ENCODER_FILES,
+    parse_source, EncoderConfig, KindConfig, LlmConfig, ModelConfig, ModelSource, RerankConfig,
+    ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.
@@ -554,8 +554,8 @@ mod tests {
             &["`models[0].kind`", "has kind `embedding`"],
         );
         check_error(
-            "[[models]]\nid = \"m\"\nkind = \"llm\"\nsource = \"m\"",
-            &["`llm` models are not supported"],
+            "[[models]]\nid = \"m\"\nkind = \"stt\"\nsource = \"m\"",
+            &["`stt` models are not supported"],
         );
         check_error(
             "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:just-a-name\"",
@@ -572,6 +572,32 @@ mod tests {
         );
         assert!(parse("[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:a/b@refs/pr/1\"").is_ok());
         check_error(&format!("{LOCAL}files = [\"*.json\"]"), &["`files` applies only to `hf:`"]);
+    }
+
+    #[test]
+    fn llm_entries_take_their_own_options() {
+        let config = parse(
+            "[[models]]\nid = \"chat\"\nkind = \"llm\"\nsource = \"smollm2\"\nfile = \"model.Q4_1.gguf\"\n\
+             context_length = 2048\nmax_tokens = 256\nmax_running_sequences = 8\nmax_batch_tokens = 256\n\
+             kv_cache_mib = 512\nprefix_cache = false\nchat_template = \"{{ messages }}\"\n",
+        )
+        .unwrap();
+        let KindConfig::Llm(llm) = &config.models[0].options else { panic!() };
+        assert_eq!(llm.file.as_deref(), Some("model.Q4_1.gguf"));
+        assert_eq!((llm.context_length, llm.max_tokens), (Some(2048), Some(256)));
+        assert_eq!((llm.max_running_sequences, llm.max_batch_tokens), (8, 256));
+        assert_eq!(llm.kv_cache_bytes, Some(512 << 20));
+        assert!(!llm.prefix_cache);
+        const LLM: &str = "[[models]]\nid = \"chat\"\nkind = \"llm\"\nsource = \"m\"\n";
+        check_error(
+            &format!("{LLM}pooling = \"mean\""),
+            &["unknown field `pooling`", "`llm` models take", "`max_running_sequences`"],
+        );
+        check_error(&format!("{LLM}file = \"../x.gguf\""), &["`models[0].file`"]);
+        check_error(&format!("{LLM}file = \"weights.bin\""), &["`models[0].file`", ".gguf"]);
+        check_error(&format!("{LLM}max_running_sequences = 0"), &["at least 1"]);
+        check_error(&format!("{LLM}dtype = \"f16\""), &["`models[0].dtype`", "GGUF"]);
+        check_error(&format!("{LLM}context_length = 4"), &["`models[0].context_length`", "at least 16"]);
     }
 
     #[test]
@@ -710,7 +736,11 @@ mod tests {
             let text = format!("[[models]]\nid = \"x\"\npreset = \"{}\"\n", preset.name);
             let config = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", preset.name));
             assert_eq!(config.models[0].kind, preset.kind);
-            preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
+            if preset.kind == ModelKind::Llm {
+                assert!(["llama", "qwen2"].contains(&preset.architecture.as_str()), "{}", preset.name);
+            } else {
+                preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
+            }
         }
     }
 

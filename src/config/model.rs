@@ -41,12 +41,25 @@ const ENCODER_KEYS: &[&str] = &[
 /// Options only `rerank` entries take.
 const RERANK_KEYS: &[&str] = &["scoring", "embedding_model"];
 
+/// Options of `llm` entries.
+const LLM_KEYS: &[&str] = &[
+    "file",
+    "chat_template",
+    "context_length",
+    "max_tokens",
+    "max_running_sequences",
+    "max_batch_tokens",
+    "kv_cache_mib",
+    "prefix_cache",
+];
+
 /// The keys an entry of `kind` may set, common ones included.
 pub(crate) fn allowed_keys(kind: ModelKind) -> Vec<&'static str> {
     let kind_keys: &[&[&str]] = match kind {
         ModelKind::Embedding => &[ENCODER_KEYS],
         ModelKind::Rerank => &[ENCODER_KEYS, RERANK_KEYS],
-        ModelKind::Llm | ModelKind::Stt | ModelKind::Tts => &[],
+        ModelKind::Llm => &[LLM_KEYS],
+        ModelKind::Stt | ModelKind::Tts => &[],
     };
     COMMON_KEYS.iter().chain(kind_keys.iter().flat_map(|keys| keys.iter())).copied().collect()
 }
@@ -98,6 +111,19 @@ struct RawEncoder {
 struct RawRerank {
     scoring: Option<ScoringChoice>,
     embedding_model: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLlm {
+    file: Option<String>,
+    chat_template: Option<String>,
+    context_length: Option<usize>,
+    max_tokens: Option<usize>,
+    max_running_sequences: Option<usize>,
+    max_batch_tokens: Option<usize>,
+    kv_cache_mib: Option<usize>,
+    prefix_cache: Option<bool>,
 }
 
 /// Only `kind` and `preset`, read first to know which options to expect.
@@ -175,10 +201,41 @@ pub enum RerankConfig {
     SharedEmbedder { embedding_model: Arc<str>, text: TextConfig },
 }
 
+/// A chat/completions model (GGUF weights).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LlmConfig {
+    pub weights: Weights,
+    /// Which `.gguf` in the model directory, when it holds several.
+    pub file: Option<String>,
+    /// A Jinja chat template to use instead of the model's own.
+    pub chat_template: Option<String>,
+    /// Fewer tokens of context than the model allows (less KV memory per sequence).
+    pub context_length: Option<usize>,
+    /// New tokens when a request sets no limit; `None`: until the context is full.
+    pub max_tokens: Option<usize>,
+    pub max_running_sequences: usize,
+    /// Tokens per decode step (decoded tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// KV-cache memory; `None`: the device's default.
+    pub kv_cache_bytes: Option<usize>,
+    pub prefix_cache: bool,
+}
+
+pub const DEFAULT_MAX_RUNNING_SEQUENCES: usize = 16;
+pub const DEFAULT_LLM_BATCH_TOKENS: usize = 512;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KindConfig {
+    Llm(LlmConfig),
     Embedding(EncoderConfig),
     Rerank(RerankConfig),
+}
+
+impl KindConfig {
+    /// Whether the entry uses another entry's loaded weights.
+    fn shares_weights(&self) -> bool {
+        matches!(self, Self::Rerank(RerankConfig::SharedEmbedder { .. }))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,6 +252,7 @@ impl ModelConfig {
     /// The weights this entry loads itself (`None` when it shares another entry's).
     pub fn weights(&self) -> Option<&Weights> {
         match &self.options {
+            KindConfig::Llm(llm) => Some(&llm.weights),
             KindConfig::Embedding(encoder) | KindConfig::Rerank(RerankConfig::Load { encoder, .. }) => {
                 Some(&encoder.weights)
             }
@@ -234,7 +292,7 @@ fn split_off<'i>(table: &mut Spanned<DeTable<'i>>, keys: &[&str]) -> Spanned<DeT
 /// Reads `[[models]]` entry `i`.
 pub(super) fn parse_entry(
     i: usize,
-    mut entry: Spanned<DeTable<'_>>,
+    mut table: Spanned<DeTable<'_>>,
     origin: Origin,
     models_dir: &Path,
     defaults: &Defaults,
@@ -242,7 +300,7 @@ pub(super) fn parse_entry(
     let prefix = format!("models[{i}].");
     let field = |name: &str| format!("{prefix}{name}");
     // Other keys are skipped unread here; they are read (and checked) once the kind is known.
-    let head: RawHead = read(Spanned::new(entry.span(), entry.get_ref().clone()), origin, &prefix)?;
+    let head: RawHead = read(Spanned::new(table.span(), table.get_ref().clone()), origin, &prefix)?;
     let preset: Option<&'static Preset> = match &head.preset {
         None => None,
         Some(name) => Some(catalogue::find(name).ok_or_else(|| {
@@ -268,15 +326,15 @@ pub(super) fn parse_entry(
             ))
         }
     };
-    if !matches!(kind, ModelKind::Embedding | ModelKind::Rerank) {
+    if !matches!(kind, ModelKind::Llm | ModelKind::Embedding | ModelKind::Rerank) {
         return Err(invalid(
             field("kind"),
             format!(
-                "`{kind}` models are not supported by this version yet; supported: `embedding`, `rerank`"
+                "`{kind}` models are not supported by this version yet; supported: `llm`, `embedding`, `rerank`"
             ),
         ));
     }
-    check_keys(entry.get_ref(), &allowed_keys(kind), origin, &prefix, &format!("`{kind}` models"))?;
+    check_keys(table.get_ref(), &allowed_keys(kind), origin, &prefix, &format!("`{kind}` models"))?;
 
     // The preset's defaults fill in what the entry does not set.
     let mut from_preset = Vec::new();
@@ -291,19 +349,16 @@ pub(super) fn parse_entry(
                     format!("preset `{}` sets `{name}`, which presets cannot set", p.name),
                 ));
             }
-            if !entry.get_ref().contains_key(name) {
+            if !table.get_ref().contains_key(name) {
                 from_preset.push(key.get_ref().to_string());
-                entry.get_mut().insert(key.clone(), value.clone());
+                table.get_mut().insert(key.clone(), value.clone());
             }
         }
     }
     let origin =
         Origin { text: origin.text, preset: preset.map(|p| (p.name.as_str(), from_preset.as_slice())) };
 
-    let common: RawCommon = read(split_off(&mut entry, COMMON_KEYS), origin, &prefix)?;
-    let rerank: RawRerank = read(split_off(&mut entry, RERANK_KEYS), origin, &prefix)?;
-    let encoder: RawEncoder = read(entry, origin, &prefix)?;
-
+    let common: RawCommon = read(split_off(&mut table, COMMON_KEYS), origin, &prefix)?;
     let id =
         common.id.clone().filter(|id| !id.is_empty()).ok_or_else(|| invalid(field("id"), "is required"))?;
     if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || "._:/-".contains(*c))) {
@@ -317,6 +372,77 @@ pub(super) fn parse_entry(
         common.max_concurrent_requests,
         defaults.max_concurrent_requests,
     )?;
+    let entry = Entry { prefix: &prefix, models_dir, defaults, preset, common };
+    let options = match kind {
+        ModelKind::Llm => KindConfig::Llm(parse_llm(&entry, read(table, origin, &prefix)?)?),
+        _ => {
+            let rerank: RawRerank = read(split_off(&mut table, RERANK_KEYS), origin, &prefix)?;
+            let encoder: RawEncoder = read(table, origin, &prefix)?;
+            parse_encoder(&entry, kind, rerank, encoder)?
+        }
+    };
+    Ok(ModelConfig {
+        id: id.into(),
+        kind,
+        preset: if options.shares_weights() { None } else { preset.map(|p| p.name.clone()) },
+        max_concurrent_requests,
+        options,
+    })
+}
+
+/// What every kind's options are read with.
+struct Entry<'a> {
+    prefix: &'a str,
+    models_dir: &'a Path,
+    defaults: &'a Defaults,
+    preset: Option<&'static Preset>,
+    common: RawCommon,
+}
+
+impl Entry<'_> {
+    fn field(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The weights this entry loads: its source (or its preset's), device, dtype and queue.
+    fn weights(&self, default_files: &[&str]) -> Result<Weights, ConfigError> {
+        let (common, preset) = (&self.common, self.preset);
+        let source_text =
+            common.source.as_deref().or(preset.map(|p| p.source.as_str())).ok_or_else(|| {
+                invalid(
+                self.field("source"),
+                "is required (`hf:org/name[@revision]` or a directory in the models directory), or name a \
+                 `preset` or (for `rerank`) an `embedding_model`",
+            )
+            })?;
+        // The preset's file list belongs to the preset's source, not to a source given here.
+        let files = match (&common.source, preset) {
+            (None, Some(p)) => common.files.clone().or_else(|| Some(p.files.clone())),
+            _ => common.files.clone(),
+        };
+        let source = parse_source(source_text, files, default_files, self.models_dir)
+            .map_err(|m| invalid(self.field("source"), m))?;
+        let device = match &common.device {
+            None => Device::Auto,
+            Some(text) => text.parse().map_err(|m: String| invalid(self.field("device"), m))?,
+        };
+        Ok(Weights {
+            source,
+            device,
+            dtype: common.dtype.unwrap_or_default(),
+            queue_depth: positive(&self.field("queue_depth"), common.queue_depth, self.defaults.queue_depth)?,
+        })
+    }
+}
+
+fn parse_encoder(
+    entry: &Entry,
+    kind: ModelKind,
+    rerank: RawRerank,
+    encoder: RawEncoder,
+) -> Result<KindConfig, ConfigError> {
+    let field = |name: &str| entry.field(name);
+    let (common, defaults) = (&entry.common, entry.defaults);
     let text = TextConfig {
         max_input_tokens: match encoder.max_input_tokens {
             Some(n) if n < 3 => return Err(invalid(field("max_input_tokens"), "must be at least 3")),
@@ -367,41 +493,10 @@ pub(super) fn parse_entry(
         if rerank.scoring == Some(ScoringChoice::CrossEncoder) {
             return Err(invalid(field("scoring"), "an `embedding_model` reranks as a bi-encoder"));
         }
-        return Ok(ModelConfig {
-            id: id.into(),
-            kind,
-            preset: None,
-            max_concurrent_requests,
-            options: KindConfig::Rerank(RerankConfig::SharedEmbedder {
-                embedding_model: target.into(),
-                text,
-            }),
-        });
+        return Ok(KindConfig::Rerank(RerankConfig::SharedEmbedder { embedding_model: target.into(), text }));
     }
 
-    let source_text = common.source.as_deref().or(preset.map(|p| p.source.as_str())).ok_or_else(|| {
-        invalid(
-            field("source"),
-            "is required (`hf:org/name[@revision]` or a directory in the models directory), or name a `preset` \
-             or (for `rerank`) an `embedding_model`",
-        )
-    })?;
-    // The preset's file list belongs to the preset's source, not to a source given here.
-    let files = match (&common.source, preset) {
-        (None, Some(p)) => common.files.or_else(|| Some(p.files.clone())),
-        _ => common.files,
-    };
-    let source = parse_source(source_text, files, models_dir).map_err(|m| invalid(field("source"), m))?;
-    let device = match &common.device {
-        None => Device::Auto,
-        Some(text) => text.parse().map_err(|m: String| invalid(field("device"), m))?,
-    };
-    let weights = Weights {
-        source,
-        device,
-        dtype: common.dtype.unwrap_or_default(),
-        queue_depth: positive(&field("queue_depth"), common.queue_depth, defaults.queue_depth)?,
-    };
+    let weights = entry.weights(DEFAULT_ENCODER_FILES)?;
     let encoder_config = EncoderConfig {
         weights,
         architecture: match &encoder.architecture {
@@ -442,12 +537,50 @@ pub(super) fn parse_entry(
             scoring: rerank.scoring.unwrap_or_default(),
         }),
     };
-    Ok(ModelConfig {
-        id: id.into(),
-        kind,
-        preset: preset.map(|p| p.name.clone()),
-        max_concurrent_requests,
-        options,
+    Ok(options)
+}
+
+fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
+    let field = |name: &str| entry.field(name);
+    if entry.common.dtype.is_some() {
+        return Err(invalid(
+            field("dtype"),
+            "applies to encoders; an `llm` runs in the GGUF file's own tensor types",
+        ));
+    }
+    if let Some(file) = &raw.file {
+        if !is_plain_relative(Path::new(file)) || !file.ends_with(".gguf") {
+            return Err(invalid(
+                field("file"),
+                format!("`{file}` is not a `.gguf` file name inside the model directory"),
+            ));
+        }
+    }
+    let at_least = |name: &str, value: Option<usize>, min: usize| match value {
+        Some(v) if v < min => Err(invalid(field(name), format!("must be at least {min}"))),
+        other => Ok(other),
+    };
+    Ok(LlmConfig {
+        weights: entry.weights(DEFAULT_LLM_FILES)?,
+        file: raw.file,
+        chat_template: raw.chat_template,
+        context_length: at_least("context_length", raw.context_length, 16)?,
+        max_tokens: at_least("max_tokens", raw.max_tokens, 1)?,
+        max_running_sequences: positive(
+            &field("max_running_sequences"),
+            raw.max_running_sequences,
+            DEFAULT_MAX_RUNNING_SEQUENCES,
+        )?,
+        max_batch_tokens: positive(
+            &field("max_batch_tokens"),
+            raw.max_batch_tokens,
+            DEFAULT_LLM_BATCH_TOKENS,
+        )?,
+        kv_cache_bytes: match raw.kv_cache_mib {
+            None => None,
+            Some(mib) => Some(positive(&field("kv_cache_mib"), Some(mib), 1)?.saturating_mul(1 << 20)),
+        },
+        prefix_cache: raw.prefix_cache.unwrap_or(true),
     })
 }
 
@@ -471,6 +604,9 @@ pub(super) fn check_references(models: &[ModelConfig]) -> Result<(), ConfigError
     Ok(())
 }
 
+/// Default file patterns for hub sources of LLMs (presets name the one quantization they want).
+pub const DEFAULT_LLM_FILES: &[&str] = &["*.gguf", "tokenizer.json", "tokenizer_config.json"];
+
 /// Default file patterns for hub sources of encoder models.
 pub const DEFAULT_ENCODER_FILES: &[&str] = &[
     "config.json",
@@ -486,6 +622,7 @@ pub const DEFAULT_ENCODER_FILES: &[&str] = &[
 pub fn parse_source(
     text: &str,
     files: Option<Vec<String>>,
+    default_files: &[&str],
     models_dir: &Path,
 ) -> Result<ModelSource, String> {
     if let Some(spec) = text.strip_prefix("hf:") {
@@ -505,7 +642,7 @@ pub fn parse_source(
                 "`{text}`: the revision `{revision}` must be a plain name (no `..` or leading `/`)"
             ));
         }
-        let files = files.unwrap_or_else(|| DEFAULT_ENCODER_FILES.iter().map(|s| s.to_string()).collect());
+        let files = files.unwrap_or_else(|| default_files.iter().map(|s| s.to_string()).collect());
         for pattern in &files {
             glob::Pattern::new(pattern).map_err(|e| format!("file pattern `{pattern}`: {e}"))?;
             if !is_plain_relative(Path::new(pattern)) {

@@ -19,6 +19,16 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    /// The prompt does not fit the model's context (400, OpenAI's `context_length_exceeded`).
+    ContextLengthExceeded {
+        message: String,
+        param: &'static str,
+    },
+    /// A request field Hearth does not support (400, `unsupported_parameter`).
+    Unsupported {
+        message: String,
+        param: String,
+    },
     /// A body that is not JSON (415); `None`: no `Content-Type` at all.
     UnsupportedMediaType {
         content_type: Option<String>,
@@ -84,7 +94,10 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } | Self::WrongModelKind { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest { .. }
+            | Self::WrongModelKind { .. }
+            | Self::ContextLengthExceeded { .. }
+            | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -108,6 +121,8 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } | Self::UnsupportedMediaType { .. } => None,
             Self::HostNotAllowed { .. } => Some("host_not_allowed"),
+            Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
+            Self::Unsupported { .. } => Some("unsupported_parameter"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
@@ -124,6 +139,8 @@ impl ApiError {
     fn param(&self) -> Option<String> {
         match self {
             Self::InvalidRequest { param, .. } => param.clone(),
+            Self::ContextLengthExceeded { param, .. } => Some(param.to_string()),
+            Self::Unsupported { param, .. } => Some(param.clone()),
             Self::ModelNotFound { .. } | Self::WrongModelKind { .. } => Some("model".into()),
             _ => None,
         }
@@ -131,7 +148,10 @@ impl ApiError {
 
     fn message(&self) -> String {
         match self {
-            Self::InvalidRequest { message, .. } | Self::Overloaded { message } => message.clone(),
+            Self::InvalidRequest { message, .. }
+            | Self::Overloaded { message }
+            | Self::ContextLengthExceeded { message, .. }
+            | Self::Unsupported { message, .. } => message.clone(),
             Self::UnsupportedMediaType { content_type: Some(content_type) } => {
                 format!(
                     "Content-Type `{content_type}` is not supported; send `Content-Type: application/json`"
@@ -165,21 +185,42 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if let Self::Internal { cause } = &self {
+impl ApiError {
+    /// Names `param` as the prompt's field (`messages` for chat, `prompt` for completions).
+    pub fn for_prompt(self, param: &'static str) -> Self {
+        match self {
+            Self::ContextLengthExceeded { message, .. } => Self::ContextLengthExceeded { message, param },
+            other => other,
+        }
+    }
+}
+
+impl ApiError {
+    /// `{"error": {...}}`, logging the cause of a 5xx.
+    fn body(&self) -> Body<'_> {
+        if let Self::Internal { cause } = self {
             tracing::error!(%cause, "internal error");
         }
-        let body = Body {
+        Body {
             error: Detail {
                 message: self.message(),
                 kind: self.kind(),
                 param: self.param(),
                 code: self.code(),
             },
-        };
-        let mut response = (status, axum::Json(body)).into_response();
+        }
+    }
+
+    /// The error as one server-sent event's data, for a failure in the middle of a stream.
+    pub fn stream_body(&self) -> serde_json::Value {
+        serde_json::to_value(self.body()).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, axum::Json(self.body())).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS
             || matches!(self, Self::ModelNotReady { failed: false, .. })
         {
@@ -208,6 +249,11 @@ impl From<EngineError> for ApiError {
                 Self::InvalidRequest { message, param: Some(subject_param(subject)) }
             }
             EngineError::TooManyTokens { .. } => Self::InvalidRequest { message, param: None },
+            EngineError::ContextLengthExceeded { .. } => {
+                Self::ContextLengthExceeded { message, param: "messages" }
+            }
+            EngineError::TemplateRefused { .. } => Self::invalid(message, "messages"),
+            EngineError::NoChatTemplate { .. } => Self::invalid(message, "model"),
             EngineError::TooManyInputs { what, .. } => Self::InvalidRequest {
                 message,
                 param: Some(if what == "documents" { "documents" } else { "input" }.into()),

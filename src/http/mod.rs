@@ -2,8 +2,11 @@
 //! tracing, per-route metrics, the `Host` check, CORS, per-route admission, a body limit and
 //! OpenAI-shaped errors for everything.
 
+pub mod chat;
+pub mod completions;
 pub mod embeddings;
 pub mod error;
+pub mod generation;
 pub mod guard;
 pub mod health;
 pub mod json;
@@ -81,6 +84,8 @@ pub fn router(state: AppState) -> Router {
         middleware::from_fn_with_state(RouteLimit::new(route, per_route), guard::limit_route)
     };
     let routes = Router::new()
+        .route("/v1/chat/completions", post(chat::create).layer(limited("/v1/chat/completions")))
+        .route("/v1/completions", post(completions::create).layer(limited("/v1/completions")))
         .route("/v1/embeddings", post(embeddings::create).layer(limited("/v1/embeddings")))
         .route("/v1/rerank", post(rerank::create).layer(limited("/v1/rerank")))
         .route("/rerank", post(rerank::create).layer(limited("/rerank")))

@@ -3,6 +3,7 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
+use hearth_engine::generate::service::Generate;
 use hearth_engine::registry::{LoadState, ModelEntry, Served};
 use serde::Serialize;
 
@@ -46,6 +47,9 @@ pub fn describe(entry: &ModelEntry) -> ModelObject {
     };
     if let LoadState::Ready(served) = state {
         match &*served {
+            Served::Llm(generator) => {
+                object.max_input_tokens = Some(generator.context_length());
+            }
             Served::Embedding(embedder) => {
                 object.dimensions = Some(embedder.info().dims);
                 object.max_input_tokens = Some(embedder.limits().length.max_tokens);

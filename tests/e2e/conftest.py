@@ -29,6 +29,7 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 OFFLINE_CONFIG = REPO_ROOT / "config" / "offline.toml"
 EMBED_MODEL = "all-minilm-l6-v2"
 RERANK_MODEL = "all-minilm-l6-v2-rerank"
+LLM_MODEL = "smollm2-135m-instruct"
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 
@@ -59,6 +60,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "(honours CARGO_TARGET_DIR) or point HEARTH_BIN at it",
             returncode=3,
         )
+    smollm = models_dir() / LLM_MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not smollm.is_file():
+        pytest.exit(f"SmolLM2 is not installed at {smollm}: run scripts/fetch-models", returncode=3)
     minilm = models_dir() / EMBED_MODEL
     if not (minilm / "model.safetensors").is_file():
         pytest.exit(
@@ -223,7 +227,7 @@ def log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(log_dir) -> HearthServer:
-    """The session's server: config/offline.toml (MiniLM embeddings and bi-encoder rerank)."""
+    """The session's server: config/offline.toml (SmolLM2 chat, MiniLM embeddings and bi-encoder rerank)."""
     srv = launch(
         "offline",
         lambda port: ["serve", "--config", str(OFFLINE_CONFIG), "--port", str(port), "--log-format", "json"],

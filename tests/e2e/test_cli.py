@@ -73,7 +73,7 @@ BAD_CONFIGS = {
     "zero-queue": (MODEL + "queue_depth = 0\n", ["models[0].queue_depth"]),
     "zero-body-limit": ("[server]\nmax_request_body_bytes = 0\n", ["server.max_request_body_bytes"]),
     "unknown-preset": ('[[models]]\nid = "a"\npreset = "nope"\n', ["models[0].preset", "bge-small-en-v1.5"]),
-    "unsupported-kind": ('[[models]]\nid = "a"\nkind = "llm"\nsource = "x"\n', ["models[0].kind"]),
+    "unsupported-kind": ('[[models]]\nid = "a"\nkind = "stt"\nsource = "x"\n', ["models[0].kind"]),
     "bad-hub-source": ('[[models]]\nid = "a"\nkind = "embedding"\nsource = "hf:onlyname"\n', ["models[0].source"]),
     "scoring-on-embedding": (MODEL + 'scoring = "bi-encoder"\n', ["models[0].scoring"]),
     "bad-id": ('[[models]]\nid = "a b"\nkind = "embedding"\nsource = "x"\n', ["models[0].id"]),

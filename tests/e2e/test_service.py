@@ -7,13 +7,14 @@ import re
 import openai
 import pytest
 
-from conftest import EMBED_MODEL, RERANK_MODEL
+from conftest import EMBED_MODEL, LLM_MODEL, RERANK_MODEL
 
 
 def test_models_list(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {EMBED_MODEL, RERANK_MODEL}
-    embed, rerank = models[EMBED_MODEL], models[RERANK_MODEL]
+    assert set(models) == {EMBED_MODEL, RERANK_MODEL, LLM_MODEL}
+    embed, rerank, llm = models[EMBED_MODEL], models[RERANK_MODEL], models[LLM_MODEL]
+    assert (llm.kind, llm.state) == ("llm", "ready") and llm.max_input_tokens == 8192
     assert embed.object == "model" and embed.owned_by == "hearth" and embed.created > 0
     assert (embed.kind, embed.state) == ("embedding", "ready")
     assert (rerank.kind, rerank.state) == ("rerank", "ready")
@@ -40,7 +41,7 @@ def test_health(http):
     assert response.json() == {"status": "ok"}
 
 
-def test_ready_lists_both_models_ready(http):
+def test_ready_lists_every_model_ready(http):
     response = http.get("/ready")
     assert response.status_code == 200
     body = response.json()
@@ -48,6 +49,7 @@ def test_ready_lists_both_models_ready(http):
     assert {(m["id"], m["kind"], m["state"]) for m in body["models"]} == {
         (EMBED_MODEL, "embedding", "ready"),
         (RERANK_MODEL, "rerank", "ready"),
+        (LLM_MODEL, "llm", "ready"),
     }
 
 

@@ -2,11 +2,15 @@
 //! it reads model directories (HF `config.json`, safetensors, sentence-transformers files), picks the
 //! device and dtype, and runs forward passes. It knows nothing of queues or HTTP.
 
+pub mod attention;
 pub mod bert;
 pub mod bert_family;
+pub mod decoder;
 pub mod device;
 pub mod error;
+pub mod gguf_tokenizer;
 pub mod model_dir;
+pub mod q4_1;
 
 pub use bert_family::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, LoadedEncoder};
 pub use error::BackendError;

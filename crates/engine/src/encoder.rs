@@ -22,14 +22,14 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-use crate::error::{panic_message, BoxError, EngineError, Overload};
-use crate::queue::{JobQueue, Priority, PushError, Ticket};
+use crate::error::{panic_message, BoxError, EngineError};
+use crate::owner::{Answer, Lifecycle, Owner};
+use crate::queue::{JobQueue, Priority, Ticket};
 
 /// One tokenized input: token ids and their segment (token type) ids, special tokens included.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,34 +114,15 @@ struct Job<O> {
     reply: Reply<O>,
 }
 
-/// What the handle and the owner thread share.
-struct Shared {
-    model: Arc<str>,
-    /// False once the owner thread has died; a supervisor waits on it.
-    alive: watch::Sender<bool>,
-    /// Set by [`EncoderHandle::shutdown`]: work not started by then is answered `ShuttingDown`.
-    deadline: Mutex<Option<Instant>>,
-}
-
-impl Shared {
-    fn past_deadline(&self) -> bool {
-        self.deadline.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|d| Instant::now() >= d)
-    }
-
-    fn failed(&self) -> EngineError {
-        EngineError::ModelFailed { model: Arc::clone(&self.model) }
-    }
-
-    fn shutting_down(&self) -> EngineError {
-        EngineError::ShuttingDown { model: Arc::clone(&self.model) }
+impl<O: Send + 'static> Answer for Job<O> {
+    fn fail(self, error: EngineError) {
+        let _ = self.reply.send(Err(error));
     }
 }
 
 /// The async side of an encoder worker: submits jobs and awaits their answers.
 pub struct EncoderHandle<O> {
-    shared: Arc<Shared>,
-    queue: Arc<JobQueue<Job<O>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    owner: Owner<Job<O>>,
 }
 
 impl<O: Send + 'static> EncoderHandle<O> {
@@ -153,137 +134,54 @@ impl<O: Send + 'static> EncoderHandle<O> {
         I: Send + 'static,
         F: FnOnce() -> Result<(M, I), BoxError> + Send + 'static,
     {
-        let labels = [("model", config.model.to_string())];
-        let queue =
-            Arc::new(JobQueue::new(config.queue_depth, metrics::gauge!("hearth_queue_depth", &labels)));
-        let shared = Arc::new(Shared {
-            model: Arc::clone(&config.model),
-            alive: watch::Sender::new(true),
-            deadline: Mutex::new(None),
-        });
-        let (loaded_tx, loaded_rx) = oneshot::channel();
-        let (worker_queue, worker_shared) = (Arc::clone(&queue), Arc::clone(&shared));
-        let thread =
-            std::thread::Builder::new().name(format!("model-{}", config.model)).spawn(move || {
-                let model = match catch_unwind(AssertUnwindSafe(load)) {
-                    Ok(Ok((model, info))) => {
-                        if loaded_tx.send(Ok(info)).is_err() {
-                            return; // the caller gave up waiting
-                        }
-                        model
-                    }
-                    Ok(Err(err)) => {
-                        let _ = loaded_tx.send(Err(err));
-                        return;
-                    }
-                    Err(panic) => {
-                        let _ = loaded_tx.send(Err(panic_message(&panic).into()));
-                        return;
-                    }
-                };
-                let (queue, shared) = (Arc::clone(&worker_queue), Arc::clone(&worker_shared));
-                let run = || Worker::new(model, config, queue, shared).run();
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(run)) {
-                    tracing::error!(
-                        model = %worker_shared.model,
-                        cause = %panic_message(&panic),
-                        "the model's owner thread died; failing its queued requests"
-                    );
-                    worker_shared.alive.send_replace(false);
-                    worker_queue.close();
-                    for job in worker_queue.drain() {
-                        let _ = job.reply.send(Err(worker_shared.failed()));
-                    }
-                }
-            })?;
-        let handle = Self { shared, queue, thread: Mutex::new(Some(thread)) };
-        match loaded_rx.await {
-            Ok(Ok(info)) => Ok((handle, info)),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err("the model's loader thread exited without reporting".into()),
-        }
+        let (model, queue_depth) = (Arc::clone(&config.model), config.queue_depth);
+        let run = move |model: M, queue, life| Worker::new(model, config, queue, life).run();
+        let (owner, info) = Owner::start(model, queue_depth, load, run).await?;
+        Ok((Self { owner }, info))
     }
 
     /// Queues `sequences` and waits for one output per sequence. Refuses at once when the queue is
     /// full or the model has failed. Dropping the returned future withdraws the job before it reaches
     /// the model.
     pub async fn encode(&self, sequences: Vec<Sequence>, priority: Priority) -> Result<Vec<O>, EngineError> {
-        if !self.is_alive() {
-            return Err(self.shared.failed());
-        }
         let (reply, answer) = oneshot::channel();
-        self.queue.try_push(Job { sequences, reply }, priority).map_err(|err| match err {
-            PushError::Full(_) => EngineError::Overloaded {
-                model: Arc::clone(&self.shared.model),
-                reason: Overload::QueueFull { queue_depth: self.queue.capacity() },
-            },
-            PushError::Closed(_) if !self.is_alive() => self.shared.failed(),
-            PushError::Closed(_) => self.shared.shutting_down(),
-        })?;
+        self.owner.push(Job { sequences, reply }, priority)?;
         match answer.await {
             Ok(result) => result,
             // The owner thread dropped the job without answering: it died holding it.
-            Err(_) => Err(self.shared.failed()),
+            Err(_) => Err(self.owner.life.failed()),
         }
     }
 
     /// The id of the model this worker serves.
     pub fn model(&self) -> &Arc<str> {
-        &self.shared.model
+        &self.owner.life.model
     }
 
     pub fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.owner.queue.len()
     }
 
     /// False once the owner thread has died.
     pub fn is_alive(&self) -> bool {
-        *self.shared.alive.borrow()
+        self.owner.is_alive()
     }
 
     /// Resolves once the owner thread has died (never, while it lives).
     pub async fn failed(&self) {
-        let mut alive = self.shared.alive.subscribe();
-        let _ = alive.wait_for(|alive| !alive).await;
+        self.owner.failed().await
     }
 
     /// Stops accepting jobs from now on; what is queued runs until `deadline`. Returns at once.
     pub fn begin_shutdown(&self, deadline: Instant) {
-        *self.shared.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
-        self.queue.close();
+        self.owner.begin_shutdown(deadline)
     }
 
     /// Stops accepting jobs and lets the owner thread finish what is queued until `deadline`; jobs
     /// not started by then are answered [`EngineError::ShuttingDown`]. Blocks until the thread has
     /// stopped, or shortly after the deadline if a forward pass is still running.
     pub fn shutdown(&self, deadline: Instant) {
-        self.begin_shutdown(deadline);
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(thread) = thread else { return };
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for job in self.queue.drain() {
-            let _ = job.reply.send(Err(self.shared.shutting_down()));
-        }
-        // The owner thread answers its own pending jobs before its next batch; a forward pass that is
-        // still running is not waited for beyond a short grace.
-        let grace = Instant::now() + Duration::from_millis(200);
-        while !thread.is_finished() && Instant::now() < grace {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if thread.is_finished() {
-            let _ = thread.join();
-        } else {
-            tracing::warn!(model = %self.shared.model, "a forward pass was still running at the shutdown deadline");
-        }
-    }
-}
-
-impl<O> Drop for EncoderHandle<O> {
-    fn drop(&mut self) {
-        // The owner thread exits once the queue is drained; nobody waits for it here.
-        self.queue.close();
+        self.owner.shutdown(deadline)
     }
 }
 
@@ -379,7 +277,7 @@ struct Worker<M: EncoderModel> {
     config: WorkerConfig,
     max_batch_bytes: usize,
     queue: Arc<JobQueue<Job<M::Output>>>,
-    shared: Arc<Shared>,
+    life: Arc<Lifecycle>,
     pending: VecDeque<InFlight<M::Output>>,
     metrics: WorkerMetrics,
 }
@@ -389,17 +287,17 @@ impl<M: EncoderModel> Worker<M> {
         model: M,
         config: WorkerConfig,
         queue: Arc<JobQueue<Job<M::Output>>>,
-        shared: Arc<Shared>,
+        life: Arc<Lifecycle>,
     ) -> Self {
         let metrics = WorkerMetrics::new(&config.model);
         let max_batch_bytes = config.batch.max_batch_bytes.unwrap_or_else(|| model.default_memory_budget());
-        Self { model, config, max_batch_bytes, queue, shared, pending: VecDeque::new(), metrics }
+        Self { model, config, max_batch_bytes, queue, life, pending: VecDeque::new(), metrics }
     }
 
     fn run(mut self) {
         tracing::debug!(model = %self.config.model, "encoder worker started");
         while self.fill_pending() {
-            if self.shared.past_deadline() {
+            if self.life.past_deadline() {
                 self.abandon_pending();
                 continue;
             }
@@ -442,7 +340,7 @@ impl<M: EncoderModel> Worker<M> {
     /// Past the shutdown deadline: answer everything taken but not finished.
     fn abandon_pending(&mut self) {
         for flight in self.pending.drain(..) {
-            let _ = flight.job.reply.send(Err(self.shared.shutting_down()));
+            flight.job.fail(self.life.shutting_down());
         }
     }
 
@@ -540,6 +438,8 @@ impl<M: EncoderModel> Worker<M> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// Pending jobs from `(seconds ago, priority, sequence lengths)`.

@@ -72,6 +72,21 @@ pub enum EngineError {
     #[error("the request's inputs have more than {max} tokens in all, this model's limit per request")]
     TooManyTokens { max: usize },
 
+    /// The prompt leaves no room to generate in the model's context.
+    #[error(
+        "this model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} \
+         tokens; shorten the prompt"
+    )]
+    ContextLengthExceeded { prompt_tokens: usize, context_length: usize },
+
+    /// The model's chat template refused the messages (e.g. roles that do not alternate).
+    #[error("{message}")]
+    TemplateRefused { message: String },
+
+    /// A chat request to a model that has no chat template.
+    #[error("model `{model}` has no chat template; use /v1/completions, or set `chat_template` for it")]
+    NoChatTemplate { model: Arc<str> },
+
     /// The preprocessing threads (tokenization) have `queue_depth` tasks waiting already.
     #[error("the server's preprocessing threads have {queue_depth} tasks waiting; retry later")]
     PreprocessingBusy { queue_depth: usize },

@@ -9,11 +9,13 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::embed::Embedder;
+use crate::generate::service::Generator;
 use crate::kind::ModelKind;
 use crate::rerank::Reranker;
 
 /// A loaded model, by capability.
 pub enum Served {
+    Llm(Arc<Generator>),
     Embedding(Arc<Embedder>),
     Rerank(Reranker),
 }
@@ -21,6 +23,7 @@ pub enum Served {
 impl Served {
     pub fn kind(&self) -> ModelKind {
         match self {
+            Self::Llm(_) => ModelKind::Llm,
             Self::Embedding(_) => ModelKind::Embedding,
             Self::Rerank(_) => ModelKind::Rerank,
         }
@@ -29,6 +32,7 @@ impl Served {
     /// Requests admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
         match self {
+            Self::Llm(g) => g.in_flight(),
             Self::Embedding(e) => e.in_flight(),
             Self::Rerank(r) => r.in_flight(),
         }
@@ -37,6 +41,7 @@ impl Served {
     /// False once the owner thread doing its work has died.
     pub fn is_alive(&self) -> bool {
         match self {
+            Self::Llm(g) => g.scheduler().is_alive(),
             Self::Embedding(e) => e.service().worker.is_alive(),
             Self::Rerank(r) => r.is_alive(),
         }
@@ -45,6 +50,7 @@ impl Served {
     /// Resolves once the owner thread doing its work has died.
     pub async fn failed(&self) {
         match self {
+            Self::Llm(g) => g.scheduler().failed().await,
             Self::Embedding(e) => e.service().worker.failed().await,
             Self::Rerank(r) => r.failed().await,
         }
@@ -61,22 +67,23 @@ impl Served {
     }
 
     fn worker_shutdown(&self, deadline: Instant, wait: bool) {
-        let embedder = match self {
-            Self::Embedding(e) => e,
-            Self::Rerank(Reranker::BiEncoder { embedder, .. }) => embedder,
-            Self::Rerank(Reranker::CrossEncoder(service)) => {
-                return if wait {
-                    service.worker.shutdown(deadline)
-                } else {
-                    service.worker.begin_shutdown(deadline)
-                };
+        let stop = |begin: &dyn Fn(Instant), finish: &dyn Fn(Instant)| {
+            if wait {
+                finish(deadline)
+            } else {
+                begin(deadline)
             }
         };
-        let worker = &embedder.service().worker;
-        if wait {
-            worker.shutdown(deadline)
-        } else {
-            worker.begin_shutdown(deadline)
+        match self {
+            Self::Llm(g) => stop(&|d| g.scheduler().begin_shutdown(d), &|d| g.scheduler().shutdown(d)),
+            Self::Embedding(e) | Self::Rerank(Reranker::BiEncoder { embedder: e, .. }) => {
+                let worker = &e.service().worker;
+                stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))
+            }
+            Self::Rerank(Reranker::CrossEncoder(service)) => {
+                let worker = &service.worker;
+                stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))
+            }
         }
     }
 }

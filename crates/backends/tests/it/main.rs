@@ -2,5 +2,6 @@
 //! reading model directories safely. (`tests/memory.rs` is a binary of its own: it replaces the
 //! global allocator to count bytes.)
 
+mod decoder;
 mod model_dir;
 mod reference;

@@ -1,0 +1,207 @@
+//! Hearth's decoder forward pass against logits computed independently in float64 numpy
+//! (`scripts/reference/llama_numpy.py`, weights dequantized by gguf-py) for tiny random-weight GGUFs
+//! in every supported tensor type (`scripts/gen_tiny_llms.py`).
+//!
+//! Each model runs a schedule that exercises what serving does: a prompt prefilled in two chunks,
+//! a second sequence prefilled in the same step as the first one's second chunk, decode steps that
+//! batch both, and a fork that reuses the first sequence's cached prefix. Every returned row of
+//! logits is compared with the reference row for the same position.
+
+use std::path::PathBuf;
+
+use hearth_backends::decoder::{DecoderOptions, KvImplementation, LlamaDecoder};
+use hearth_engine::generate::model::{Chunk, DecoderModel};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Reference {
+    models: Vec<ModelReference>,
+}
+
+#[derive(Deserialize)]
+struct ModelReference {
+    file: String,
+    types: Vec<String>,
+    fork_prefix: usize,
+    sequences: Sequences,
+}
+
+#[derive(Deserialize)]
+struct Sequences {
+    a: Sequence,
+    b: Sequence,
+    fork: Sequence,
+}
+
+#[derive(Deserialize)]
+struct Sequence {
+    ids: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llm")
+}
+
+fn reference() -> Reference {
+    let text = std::fs::read_to_string(fixtures().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Largest difference allowed, relative to the reference row's largest magnitude. f16 and bf16
+/// weights are exact in f32, so those models check the forward pass itself (norms, RoPE with
+/// frequency factors, biases, grouped-query attention, KV forks) to f32 rounding. candle's
+/// quantized matmuls quantize the activations too (to 8 bits per block: Q8_0/Q8_1 beside the 32-wide
+/// types, Q8_K beside K-quants), about 0.5% per matmul, which compounds to a few percent of the
+/// logits of these random models; a wrong kernel or layout is off by far more.
+fn tolerance(types: &[String]) -> f32 {
+    if types.iter().all(|t| t == "F16" || t == "BF16") {
+        1e-5
+    } else {
+        6e-2
+    }
+}
+
+const A: usize = 0;
+const B: usize = 1;
+const FORK: usize = 2;
+
+fn run(model: &ModelReference, kv: KvImplementation) -> f32 {
+    let path = fixtures().join(&model.file);
+    let options = DecoderOptions { kv, ..DecoderOptions::default() };
+    let (mut decoder, loaded) = LlamaDecoder::load(&path, &options).unwrap();
+    assert_eq!(loaded.vocab_size, model.sequences.a.logits[0].len());
+    let seqs = [&model.sequences.a, &model.sequences.b, &model.sequences.fork];
+    let (a, b) = (seqs[A].ids.len(), seqs[B].ids.len());
+    let p = model.fork_prefix;
+    // Steps: A's prompt in two chunks, B's whole prompt beside A's second chunk, then decode
+    // steps batching A and B one token each, then the fork continuing from A's first `p` tokens.
+    // A step's chunks: `(sequence, start, end)` over that sequence's reference ids.
+    let mut plan: Vec<Vec<(usize, usize, usize)>> = vec![vec![(A, 0, 3)], vec![(A, 3, a - 3), (B, 0, b - 3)]];
+    for i in 0..3 {
+        plan.push(vec![(A, a - 3 + i, a - 2 + i), (B, b - 3 + i, b - 2 + i)]);
+    }
+    let mut worst = 0f32;
+    for step in &plan {
+        worst = worst.max(check_step(&mut decoder, &seqs, step, model));
+    }
+    decoder.fork(A as u64, FORK as u64, p).unwrap();
+    assert_eq!(decoder.cached(FORK as u64), p);
+    let fork_len = seqs[FORK].ids.len();
+    worst = worst.max(check_step(&mut decoder, &seqs, &[(FORK, p, fork_len - 1)], model));
+    worst = worst.max(check_step(&mut decoder, &seqs, &[(FORK, fork_len - 1, fork_len)], model));
+    decoder.release(A as u64);
+    assert_eq!(decoder.cached(A as u64), 0);
+    // The fork owns its copy: releasing its source leaves it intact.
+    assert_eq!(decoder.cached(FORK as u64), fork_len);
+    worst
+}
+
+fn check_step(
+    decoder: &mut LlamaDecoder,
+    seqs: &[&Sequence; 3],
+    step: &[(usize, usize, usize)],
+    model: &ModelReference,
+) -> f32 {
+    let chunks: Vec<Chunk> = step
+        .iter()
+        .filter(|(_, start, end)| end > start)
+        .map(|&(s, start, end)| Chunk {
+            seq: s as u64,
+            start,
+            tokens: &seqs[s].ids[start..end],
+            logits: true,
+        })
+        .collect();
+    let rows = decoder.step(&chunks).unwrap();
+    assert_eq!(rows.len(), chunks.len());
+    let mut worst = 0f32;
+    for (chunk, row) in chunks.iter().zip(&rows) {
+        let want = &seqs[chunk.seq as usize].logits[chunk.start + chunk.tokens.len() - 1];
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = row.iter().zip(want).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(
+            diff <= tolerance(&model.types),
+            "{}: sequence {} position {}: relative difference {diff} from the numpy reference",
+            model.file,
+            chunk.seq,
+            chunk.start + chunk.tokens.len() - 1
+        );
+        // The greedy choice agrees where the reference's top two are not near-tied.
+        let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+        let mut sorted = want.clone();
+        sorted.sort_by(|x, y| y.total_cmp(x));
+        if sorted[0] - sorted[1] > 2.0 * diff * scale {
+            assert_eq!(argmax(row), argmax(want), "{}: greedy token differs", model.file);
+        }
+        worst = worst.max(diff);
+    }
+    worst
+}
+
+#[test]
+fn every_tensor_type_matches_the_numpy_reference() {
+    for model in reference().models {
+        let worst = run(&model, KvImplementation::Auto);
+        eprintln!("{} ({}): worst relative difference {worst:.2e}", model.file, model.types.join("+"));
+    }
+}
+
+#[test]
+fn candle_op_attention_matches_the_numpy_reference() {
+    // The device-agnostic attention (what CUDA and Metal run) on the same schedule.
+    for model in
+        reference().models.into_iter().filter(|m| m.file.contains("q4_k_m") || m.file.contains("qwen2"))
+    {
+        run(&model, KvImplementation::CandleOps);
+    }
+}
+
+/// Whether candle's CPU kernels for these tensor types compute each row of a matmul the same way
+/// whatever the number of rows. Those for Q4_0, Q4_1 and Q8_0 do, so a sequence's logits are
+/// bit-identical alone and in a batch. The f16/bf16 GEMM, and on x86 the repacked Q4_K/Q6_K tiles,
+/// take other code paths for one row than for several, so results differ in the last bits (never
+/// by more than f32 rounding).
+fn row_invariant(types: &[String]) -> bool {
+    types.iter().all(|t| matches!(t.as_str(), "Q4_0" | "Q4_1" | "Q8_0"))
+}
+
+#[test]
+fn a_sequence_gets_the_same_logits_alone_and_in_a_batch() {
+    for model in reference().models {
+        let path = fixtures().join(&model.file);
+        let (ids, other) = (&model.sequences.a.ids, &model.sequences.b.ids);
+        let (mut alone, _) = LlamaDecoder::load(&path, &DecoderOptions::default()).unwrap();
+        let (mut batched, _) = LlamaDecoder::load(&path, &DecoderOptions::default()).unwrap();
+        // A prefill, then a decode step, alone and beside another sequence.
+        for (start, len, other_start, other_len) in
+            [(0, ids.len(), 0, other.len()), (ids.len(), 1, other.len(), 1)]
+        {
+            let solo = alone.step(&[Chunk { seq: 0, start, tokens: &ids[..len], logits: true }]).unwrap();
+            let together = batched
+                .step(&[
+                    Chunk { seq: 7, start: other_start, tokens: &other[..other_len], logits: true },
+                    Chunk { seq: 0, start, tokens: &ids[..len], logits: true },
+                ])
+                .unwrap();
+            let (solo, together) = (&solo[0], &together[1]);
+            if row_invariant(&model.types) {
+                assert_eq!(solo, together, "{}: batching changed a sequence's logits", model.file);
+            } else {
+                let scale = solo.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let diff = solo.iter().zip(together).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(diff <= 1e-5 * scale, "{}: batching moved logits by {diff}", model.file);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_past_the_context_is_refused() {
+    let model = reference().models.into_iter().next().unwrap();
+    let (mut decoder, loaded) =
+        LlamaDecoder::load(&fixtures().join(&model.file), &DecoderOptions::default()).unwrap();
+    let ids = vec![1u32; loaded.context_length + 1];
+    let err = decoder.step(&[Chunk { seq: 0, start: 0, tokens: &ids, logits: true }]).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+}
