@@ -79,7 +79,7 @@ async fn bench() {
     let aggregate = generated as f64 / t.elapsed().as_secs_f64();
     println!("  {STREAMS} streams: {aggregate:.1} tok/s aggregate ({:.2}× one stream)", aggregate / decode);
 
-    let filler = prepare(&generator, Prompt::Text(FILLER.repeat(1000))).await.tokens;
+    let filler = prepare(&generator, Prompt::Text(FILLER.repeat(500))).await.tokens;
     let first_token = |n: usize| {
         let prompt = PreparedPrompt { tokens: filler[..n].to_vec() };
         let generator = generator.clone();
