@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use hearth_backends::decoder::{DecoderOptions, GgufFile, LlamaDecoder};
+use hearth_backends::decoder::{DecoderOptions, GgufFile, KvPrecision, LlamaDecoder};
 use hearth_backends::gguf_tokenizer::{self, GgufVocab};
 use hearth_backends::{
     BackendError, CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, LoadedEncoder, ModelDir,
@@ -25,7 +25,7 @@ use hearth_engine::rerank::Reranker;
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 
 use crate::config::{
-    EncoderConfig, KindConfig, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig,
+    EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig,
 };
 use crate::state::AppState;
 use crate::store::{downloads_allowed, Store};
@@ -144,6 +144,11 @@ impl Loader {
         let options = DecoderOptions {
             device: llm.weights.device,
             context_length: llm.context_length,
+            threads: llm.cpu_threads,
+            kv_precision: match llm.kv_cache_type {
+                KvCacheType::F16 => KvPrecision::F16,
+                KvCacheType::F32 => KvPrecision::F32,
+            },
             ..Default::default()
         };
         let load_path = path.clone();

@@ -20,7 +20,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 pub use self::model::{
-    parse_source, EncoderConfig, KindConfig, LlmConfig, ModelConfig, ModelSource, RerankConfig,
+    parse_source, EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource, RerankConfig,
     ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
 };
 
@@ -579,7 +579,8 @@ mod tests {
         let config = parse(
             "[[models]]\nid = \"chat\"\nkind = \"llm\"\nsource = \"smollm2\"\nfile = \"model.Q4_1.gguf\"\n\
              context_length = 2048\nmax_tokens = 256\nmax_running_sequences = 8\nmax_batch_tokens = 256\n\
-             kv_cache_mib = 512\nprefix_cache = false\nchat_template = \"{{ messages }}\"\n",
+             kv_cache_mib = 512\nprefix_cache = false\nchat_template = \"{{ messages }}\"\n\
+             kv_cache_type = \"f32\"\ncpu_threads = 2\n",
         )
         .unwrap();
         let KindConfig::Llm(llm) = &config.models[0].options else { panic!() };
@@ -587,6 +588,7 @@ mod tests {
         assert_eq!((llm.context_length, llm.max_tokens), (Some(2048), Some(256)));
         assert_eq!((llm.max_running_sequences, llm.max_batch_tokens), (8, 256));
         assert_eq!(llm.kv_cache_bytes, Some(512 << 20));
+        assert_eq!((llm.kv_cache_type, llm.cpu_threads), (KvCacheType::F32, Some(2)));
         assert!(!llm.prefix_cache);
         const LLM: &str = "[[models]]\nid = \"chat\"\nkind = \"llm\"\nsource = \"m\"\n";
         check_error(
@@ -596,6 +598,8 @@ mod tests {
         check_error(&format!("{LLM}file = \"../x.gguf\""), &["`models[0].file`"]);
         check_error(&format!("{LLM}file = \"weights.bin\""), &["`models[0].file`", ".gguf"]);
         check_error(&format!("{LLM}max_running_sequences = 0"), &["at least 1"]);
+        check_error(&format!("{LLM}cpu_threads = 0"), &["`models[0].cpu_threads`"]);
+        check_error(&format!("{LLM}kv_cache_type = \"q8_0\""), &["kv_cache_type", "f16"]);
         check_error(&format!("{LLM}dtype = \"f16\""), &["`models[0].dtype`", "GGUF"]);
         check_error(&format!("{LLM}context_length = 4"), &["`models[0].context_length`", "at least 16"]);
     }

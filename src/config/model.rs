@@ -50,6 +50,8 @@ const LLM_KEYS: &[&str] = &[
     "max_running_sequences",
     "max_batch_tokens",
     "kv_cache_mib",
+    "kv_cache_type",
+    "cpu_threads",
     "prefix_cache",
 ];
 
@@ -123,7 +125,19 @@ struct RawLlm {
     max_running_sequences: Option<usize>,
     max_batch_tokens: Option<usize>,
     kv_cache_mib: Option<usize>,
+    kv_cache_type: Option<KvCacheType>,
+    cpu_threads: Option<usize>,
     prefix_cache: Option<bool>,
+}
+
+/// The element type of an LLM's KV cache on the CPU (llama.cpp's `--cache-type-k/-v`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    /// Half the memory and bandwidth of f32; llama.cpp's default.
+    #[default]
+    F16,
+    F32,
 }
 
 /// Only `kind` and `preset`, read first to know which options to expect.
@@ -218,6 +232,10 @@ pub struct LlmConfig {
     pub max_batch_tokens: usize,
     /// KV-cache memory; `None`: the device's default.
     pub kv_cache_bytes: Option<usize>,
+    /// KV-cache element type on the CPU (GPUs keep f32).
+    pub kv_cache_type: KvCacheType,
+    /// The model's own CPU thread pool size; `None`: one thread per core.
+    pub cpu_threads: Option<usize>,
     pub prefix_cache: bool,
 }
 
@@ -579,6 +597,11 @@ fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
         kv_cache_bytes: match raw.kv_cache_mib {
             None => None,
             Some(mib) => Some(positive(&field("kv_cache_mib"), Some(mib), 1)?.saturating_mul(1 << 20)),
+        },
+        kv_cache_type: raw.kv_cache_type.unwrap_or_default(),
+        cpu_threads: match raw.cpu_threads {
+            None => None,
+            Some(n) => Some(positive(&field("cpu_threads"), Some(n), 1)?),
         },
         prefix_cache: raw.prefix_cache.unwrap_or(true),
     })

@@ -100,8 +100,10 @@ async fn collect(mut stream: GenerationStream) -> (Vec<u32>, String, FinishReaso
 }
 
 /// Where Hearth may pick differently from llama.cpp: two correct quantized implementations round
-/// differently (llama.cpp keeps its KV cache in f16 and sums in other orders; both quantize
-/// activations to 8 bits), so each is off the float64 logits by up to about 0.3 for the leading
+/// differently. Hearth follows llama.cpp's arithmetic where it is known (Q8_1/Q8_0 activations,
+/// f16 KV cache with f16 queries and soft-max weights, RMS norm sums in f64, RoPE angles in f32),
+/// but exp, SiLU and some summation orders still differ in the last bits, and both are off the
+/// float64 logits by up to about 0.3 for the leading
 /// tokens (measured: mean |error| 0.10 over the vocabulary for both, on the haiku prompt). Where
 /// the exact gap between the best two tokens is below this, either choice is right and the texts
 /// may part from there; anywhere else a different token is a bug.
@@ -258,14 +260,16 @@ async fn stop_strings_end_generation_even_across_tokens_and_are_never_emitted() 
     let app = smollm("").await;
     let generator = generator(&app);
     let case = &reference()["complete"][0];
-    let full = case["greedy_text"].as_str().unwrap();
     let prompt = generator
         .prepare(Prompt::Text(case["prompt"].as_str().unwrap().into()), Priority::Normal)
         .await
         .unwrap();
-    // The greedy text is ", the city of Nova Haven was a thriving metropolis, …": stop strings that
-    // start inside one token and end inside another.
-    for stop in ["ity of No", "a Hav", "thriving"] {
+    let plain = generator.start(&prompt, vec![options(32, greedy(), Vec::new())]).unwrap().pop().unwrap();
+    let (_, full, _) = collect(plain).await;
+    // The greedy text is ", the city of N… Haven was a thriving metropolis, …" (the town's name is
+    // a near-tie): stop strings that start inside one word's token and end inside another's.
+    assert!(full.starts_with(", the city of ") && full.is_ascii(), "{full:?}");
+    for stop in [&full[8..17], &full[20..25], &full[26..36]] {
         let at = full.find(stop).unwrap();
         let stream =
             generator.start(&prompt, vec![options(32, greedy(), vec![stop.into()])]).unwrap().pop().unwrap();

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::error::BackendError;
@@ -42,6 +43,10 @@ pub struct Rope {
 
 impl Rope {
     /// `freq_factors` (Llama 3.x's `rope_freqs.weight`) divide the frequencies, one per pair.
+    ///
+    /// Angles are computed as ggml computes them, in f32: `θ₀ = p`, each next pair's angle the
+    /// previous one times `base^(-2/dims)`, divided by the pair's frequency factor. The rounding of
+    /// that running product is part of what llama.cpp's logits are, so Hearth repeats it.
     pub fn new(
         style: RopeStyle,
         dims: usize,
@@ -50,19 +55,17 @@ impl Rope {
         freq_factors: Option<&[f32]>,
     ) -> Self {
         let half = dims / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                let f = f64::from(base).powf(-(2.0 * i as f64) / dims as f64);
-                f / freq_factors.and_then(|ff| ff.get(i)).map_or(1.0, |&x| f64::from(x))
-            })
-            .collect();
+        let theta_scale = base.powf(-2.0 / dims as f32);
         let mut cos = Vec::with_capacity(positions * half);
         let mut sin = Vec::with_capacity(positions * half);
         for p in 0..positions {
-            for &f in &inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            let mut theta = p as f32;
+            for i in 0..half {
+                let factor = freq_factors.and_then(|ff| ff.get(i)).copied().unwrap_or(1.0);
+                let angle = theta / factor;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                theta *= theta_scale;
             }
         }
         Self { style, dims, cos, sin, positions }
@@ -115,9 +118,9 @@ impl AttentionShape {
         self.kv_heads * self.head_dim
     }
 
-    /// KV bytes one cached token takes over all layers (f32 keys and values).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.layers * 2 * self.kv_width() * 4
+    /// KV bytes one cached token takes over all layers, for keys and values of `element` bytes.
+    pub fn kv_bytes_per_token(&self, element: usize) -> usize {
+        self.layers * 2 * self.kv_width() * element
     }
 }
 
@@ -136,12 +139,20 @@ pub enum KvCaches {
 }
 
 impl KvCaches {
-    /// The CPU kernel on the CPU, candle ops elsewhere.
-    pub fn for_device(shape: AttentionShape, device: &Device) -> Self {
+    /// The CPU kernel on the CPU (caches of `precision`), candle ops elsewhere (f32 caches).
+    pub fn for_device(shape: AttentionShape, device: &Device, precision: KvPrecision) -> Self {
         if device.is_cpu() {
-            Self::Host(HostKv::new(shape))
+            Self::Host(HostKv::new(shape, precision))
         } else {
             Self::Tensor(TensorKv::new(shape, device.clone()))
+        }
+    }
+
+    /// KV bytes one cached token takes over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        match self {
+            Self::Host(kv) => kv.shape.kv_bytes_per_token(kv.precision.bytes()),
+            Self::Tensor(kv) => kv.shape.kv_bytes_per_token(4),
         }
     }
 
@@ -184,8 +195,8 @@ impl KvCaches {
                 let width = kv.shape.kv_width();
                 let copy = HostSeq {
                     len,
-                    k: source.k.iter().map(|layer| layer[..len * width].to_vec()).collect(),
-                    v: source.v.iter().map(|layer| layer[..len * width].to_vec()).collect(),
+                    k: source.k.iter().map(|layer| layer.prefix(len * width)).collect(),
+                    v: source.v.iter().map(|layer| layer.prefix(len * width)).collect(),
                 };
                 kv.seqs.insert(to, copy);
             }
@@ -222,21 +233,86 @@ fn positions(chunks: &[ChunkRows]) -> Vec<usize> {
     chunks.iter().flat_map(|c| c.start..c.start + c.len).collect()
 }
 
-/// One sequence's caches on the host: per layer, `[position][kv head][head_dim]`.
+/// The element type of host KV caches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// Half the memory and bandwidth; llama.cpp's default cache type, with its arithmetic: queries
+    /// and soft-max weights are rounded to f16 where they meet f16 keys and values, sums stay f32.
+    #[default]
+    F16,
+    /// Full precision (the numpy reference's arithmetic).
+    F32,
+}
+
+impl KvPrecision {
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+/// One layer's keys or values for one sequence: `[position][kv head][head_dim]`.
+#[derive(Clone)]
+enum HostBuf {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl HostBuf {
+    fn new(precision: KvPrecision) -> Self {
+        match precision {
+            KvPrecision::F16 => Self::F16(Vec::new()),
+            KvPrecision::F32 => Self::F32(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::F16(v) => v.len(),
+            Self::F32(v) => v.len(),
+        }
+    }
+
+    fn extend(&mut self, values: &[f32]) {
+        match self {
+            Self::F16(v) => v.extend(values.iter().map(|&x| f16::from_f32(x))),
+            Self::F32(v) => v.extend_from_slice(values),
+        }
+    }
+
+    fn prefix(&self, len: usize) -> Self {
+        match self {
+            Self::F16(v) => Self::F16(v[..len].to_vec()),
+            Self::F32(v) => Self::F32(v[..len].to_vec()),
+        }
+    }
+}
+
+/// One sequence's caches on the host, per layer.
 struct HostSeq {
     len: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<HostBuf>,
+    v: Vec<HostBuf>,
 }
 
 pub struct HostKv {
     shape: AttentionShape,
+    precision: KvPrecision,
     seqs: HashMap<SeqId, HostSeq>,
+    simd: bool,
 }
 
 impl HostKv {
-    pub fn new(shape: AttentionShape) -> Self {
-        Self { shape, seqs: HashMap::new() }
+    pub fn new(shape: AttentionShape, precision: KvPrecision) -> Self {
+        Self { shape, precision, seqs: HashMap::new(), simd: kernels_available() }
+    }
+
+    /// The portable kernel only (tests compare the two).
+    pub fn without_simd(mut self) -> Self {
+        self.simd = false;
+        self
     }
 
     fn attend(
@@ -248,22 +324,42 @@ impl HostKv {
         v: &Tensor,
         chunks: &[ChunkRows],
     ) -> Result<Tensor, BackendError> {
-        let shape = self.shape;
-        let (d, width, kv_width) = (shape.head_dim, shape.heads * shape.head_dim, shape.kv_width());
-        let positions = positions(chunks);
         let mut q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
-        rope.apply_rows(&mut q, d, &positions);
-        rope.apply_rows(&mut k, d, &positions);
+        let t = q.len() / (self.shape.heads * self.shape.head_dim);
+        let out = self.attend_host(layer, rope, &mut q, &mut k, &v, chunks)?;
+        Ok(Tensor::from_vec(out, (t, self.shape.heads * self.shape.head_dim), &Device::Cpu)?)
+    }
+
+    /// [`HostKv::attend`] on host buffers (rows in chunk order); `q` and `k` are rotated in place.
+    pub fn attend_host(
+        &mut self,
+        layer: usize,
+        rope: &Rope,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        chunks: &[ChunkRows],
+    ) -> Result<Vec<f32>, BackendError> {
+        let shape = self.shape;
+        let (d, width, kv_width) = (shape.head_dim, shape.heads * shape.head_dim, shape.kv_width());
+        let positions = positions(chunks);
+        rope.apply_rows(q, d, &positions);
+        rope.apply_rows(k, d, &positions);
+        if self.precision == KvPrecision::F16 {
+            // llama.cpp multiplies f16 keys by queries converted to f16.
+            round_to_f16(q, self.simd);
+        }
 
         // Append each chunk's keys and values to its sequence's cache.
         let mut row = 0;
         for chunk in chunks {
+            let precision = self.precision;
             let seq = self.seqs.entry(chunk.seq).or_insert_with(|| HostSeq {
                 len: 0,
-                k: vec![Vec::new(); shape.layers],
-                v: vec![Vec::new(); shape.layers],
+                k: vec![HostBuf::new(precision); shape.layers],
+                v: vec![HostBuf::new(precision); shape.layers],
             });
             let have = seq.k[layer].len() / kv_width;
             if have != chunk.start {
@@ -273,8 +369,8 @@ impl HostKv {
                 )));
             }
             let rows = row * kv_width..(row + chunk.len) * kv_width;
-            seq.k[layer].extend_from_slice(&k[rows.clone()]);
-            seq.v[layer].extend_from_slice(&v[rows]);
+            seq.k[layer].extend(&k[rows.clone()]);
+            seq.v[layer].extend(&v[rows]);
             if layer + 1 == shape.layers {
                 seq.len = chunk.start + chunk.len;
             }
@@ -288,51 +384,257 @@ impl HostKv {
         }
         let group = shape.heads / shape.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let seqs = &self.seqs;
+        let (seqs, simd) = (&self.seqs, self.simd);
         let mut out = vec![0f32; positions.len() * width];
         out.par_chunks_mut(d).enumerate().for_each(|(item, out)| {
             let (t, h) = (item / shape.heads, item % shape.heads);
-            let chunk = &chunks[owner[t]];
-            let Some(seq) = seqs.get(&chunk.seq) else { return };
-            let (keys, values) = (&seq.k[layer], &seq.v[layer]);
-            let query = &q[t * width + h * d..][..d];
-            let kv_offset = (h / group) * d;
-            // Online soft-max over keys 0..=position (causal).
-            let mut max = f32::NEG_INFINITY;
-            let mut sum = 0f32;
-            for j in 0..=positions[t] {
-                let key = &keys[j * kv_width + kv_offset..][..d];
-                let score = dot(query, key) * scale;
-                let value = &values[j * kv_width + kv_offset..][..d];
-                if score > max {
-                    let rescale = (max - score).exp();
-                    sum *= rescale;
-                    out.iter_mut().for_each(|o| *o *= rescale);
-                    max = score;
-                }
-                let weight = (score - max).exp();
-                sum += weight;
-                out.iter_mut().zip(value).for_each(|(o, &x)| *o += weight * x);
+            let Some(seq) = seqs.get(&chunks[owner[t]].seq) else { return };
+            let head = Head {
+                query: &q[t * width + h * d..][..d],
+                offset: (h / group) * d,
+                stride: kv_width,
+                keys: positions[t] + 1,
+                scale,
+            };
+            match (&seq.k[layer], &seq.v[layer]) {
+                (HostBuf::F16(k), HostBuf::F16(v)) => attend_head(&head, k, v, out, simd, true),
+                (HostBuf::F32(k), HostBuf::F32(v)) => attend_head(&head, k, v, out, simd, false),
+                _ => unreachable!("one precision per cache"),
             }
-            let inv = 1.0 / sum;
-            out.iter_mut().for_each(|o| *o *= inv);
         });
-        Ok(Tensor::from_vec(out, (positions.len(), width), &Device::Cpu)?)
+        Ok(out)
     }
 }
 
-/// A dot product written so the compiler vectorises it (eight independent sums).
+/// One (query token, head) of a step.
+struct Head<'a> {
+    query: &'a [f32],
+    /// Where the head's KV head starts within a cached position, and the width of one position.
+    offset: usize,
+    stride: usize,
+    /// Keys it sees: positions `0..keys` (causal).
+    keys: usize,
+    scale: f32,
+}
+
+/// A KV element type: dot products and weighted sums of f32 queries/weights with cached rows.
+trait KvElem: Copy + Send + Sync {
+    fn dot(query: &[f32], key: &[Self]) -> f32;
+    fn axpy(out: &mut [f32], weight: f32, value: &[Self]);
+    #[cfg(target_arch = "x86_64")]
+    /// Eight elements widened to f32.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    fn dot(query: &[f32], key: &[f32]) -> f32 {
+        dot(query, key)
+    }
+
+    fn axpy(out: &mut [f32], weight: f32, value: &[f32]) {
+        out.iter_mut().zip(value).for_each(|(o, &x)| *o = weight.mul_add(x, *o));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for f16 {
+    fn dot(query: &[f32], key: &[f16]) -> f32 {
+        let mut sums = [0f32; 8];
+        for (x, y) in query.chunks_exact(8).zip(key.chunks_exact(8)) {
+            for i in 0..8 {
+                sums[i] = x[i].mul_add(y[i].to_f32(), sums[i]);
+            }
+        }
+        hsum8(sums)
+    }
+
+    fn axpy(out: &mut [f32], weight: f32, value: &[f16]) {
+        out.iter_mut().zip(value).for_each(|(o, &x)| *o = weight.mul_add(x.to_f32(), *o));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+fn kernels_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One head's attention in three passes: scores, soft-max, weighted sum of values. With
+/// `round_weights` the soft-max weights are rounded to f16 before they meet the values (llama.cpp
+/// converts them to the f16 cache's type).
+fn attend_head<T: KvElem>(
+    head: &Head,
+    keys: &[T],
+    values: &[T],
+    out: &mut [f32],
+    simd: bool,
+    round_weights: bool,
+) {
+    let d = head.query.len();
+    let mut weights: Vec<f32> = Vec::with_capacity(head.keys);
+    #[cfg(target_arch = "x86_64")]
+    if simd && d.is_multiple_of(8) {
+        // SAFETY: `simd` is set only when AVX2, FMA and F16C are available.
+        unsafe { scores_avx2(head, keys, &mut weights) };
+    }
+    if weights.is_empty() {
+        let _ = simd;
+        weights.extend(
+            (0..head.keys)
+                .map(|j| T::dot(head.query, &keys[j * head.stride + head.offset..][..d]) * head.scale),
+        );
+    }
+    let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+    let mut sum = 0f64;
+    for w in weights.iter_mut() {
+        *w = (*w - max).exp();
+        sum += f64::from(*w);
+    }
+    let inv = (1.0 / sum) as f32;
+    weights.iter_mut().for_each(|w| *w *= inv);
+    if round_weights {
+        round_to_f16(&mut weights, simd);
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if simd && d.is_multiple_of(8) {
+        // SAFETY: as above.
+        unsafe { weighted_sum_avx2(head, values, &weights, out) };
+        return;
+    }
+    for (j, &w) in weights.iter().enumerate() {
+        T::axpy(out, w, &values[j * head.stride + head.offset..][..d]);
+    }
+}
+
+/// Rounds values to the nearest f16 (kept as f32).
+pub(crate) fn round_to_f16(values: &mut [f32], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only when AVX2, FMA and F16C are available.
+        unsafe { round_to_f16_f16c(values) };
+        return;
+    }
+    let _ = simd;
+    values.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_to_f16_f16c(values: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = values.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let x = _mm256_loadu_ps(chunk.as_ptr());
+        let rounded = _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_ps(chunk.as_mut_ptr(), rounded);
+    }
+    chunks.into_remainder().iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+}
+
+/// `scores[j] = q·k_j · scale`, four keys at a time (independent accumulators); each key's sum is
+/// the same whichever group it falls in.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_avx2<T: KvElem>(head: &Head, keys: &[T], scores: &mut Vec<f32>) {
+    use std::arch::x86_64::*;
+    let d = head.query.len();
+    assert!((head.keys - 1) * head.stride + head.offset + d <= keys.len());
+    let q = head.query.as_ptr();
+    let key = |j: usize| keys.as_ptr().add(j * head.stride + head.offset);
+    let hsum = |acc: __m256| {
+        let four = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+    };
+    let mut j = 0;
+    while j + 4 <= head.keys {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in (0..d).step_by(8) {
+            let x = _mm256_loadu_ps(q.add(i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(x, T::load8(key(j + r).add(i)), *acc);
+            }
+        }
+        for acc in acc {
+            scores.push(hsum(acc) * head.scale);
+        }
+        j += 4;
+    }
+    for j in j..head.keys {
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..d).step_by(8) {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), T::load8(key(j).add(i)), acc);
+        }
+        scores.push(hsum(acc) * head.scale);
+    }
+}
+
+/// `out = Σ_j w_j · v_j`, each output summing its keys in order; 64 outputs at a time in eight
+/// independent accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2<T: KvElem>(head: &Head, values: &[T], weights: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = out.len();
+    assert!((weights.len() - 1) * head.stride + head.offset + d <= values.len());
+    let mut start = 0;
+    while start < d {
+        let lanes = ((d - start) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (j, &w) in weights.iter().enumerate() {
+            let w = _mm256_set1_ps(w);
+            let value = values.as_ptr().add(j * head.stride + head.offset + start);
+            for (c, acc) in acc.iter_mut().enumerate().take(lanes) {
+                *acc = _mm256_fmadd_ps(w, T::load8(value.add(8 * c)), *acc);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate().take(lanes) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(start + 8 * c), *acc);
+        }
+        start += 8 * lanes;
+    }
+}
+
+/// ggml's `hsum_float_8` order for eight lanes: high half + low half, then pairwise.
+fn hsum8(x: [f32; 8]) -> f32 {
+    let four = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
+    (four[0] + four[2]) + (four[1] + four[3])
+}
+
+/// A dot product in eight lanes (element `i` into lane `i mod 8`), as the AVX2 kernel sums.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut sums = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let (a_rest, b_rest) = (a_chunks.remainder(), b_chunks.remainder());
     for (x, y) in a_chunks.zip(b_chunks) {
         for i in 0..8 {
-            sums[i] += x[i] * y[i];
+            sums[i] = x[i].mul_add(y[i], sums[i]);
         }
     }
     let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    sums.iter().sum::<f32>() + tail
+    hsum8(sums) + tail
 }
 
 /// One sequence's caches as tensors: per layer, `[position, kv heads, head_dim]`.
@@ -480,53 +782,83 @@ mod tests {
             .collect()
     }
 
-    /// Runs the same steps through both implementations; their outputs must agree.
-    #[test]
-    fn the_host_kernel_matches_candle_ops_over_chunked_steps_and_forks() {
-        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
-            let shape = AttentionShape { layers: 2, heads: 4, kv_heads: 2, head_dim: 16 };
-            let rope = Rope::new(style, 16, 10_000.0, 64, None);
-            let mut host = KvCaches::Host(HostKv::new(shape));
-            let mut tensor = KvCaches::Tensor(TensorKv::new(shape, Device::Cpu));
-            // Step 1: a 5-token prompt for seq 1 and a 3-token prompt for seq 2; then decode steps,
-            // a second chunk of seq 2, and a fork of seq 1 into seq 3.
-            let steps: Vec<Vec<ChunkRows>> = vec![
-                vec![ChunkRows { seq: 1, start: 0, len: 5 }, ChunkRows { seq: 2, start: 0, len: 3 }],
-                vec![ChunkRows { seq: 1, start: 5, len: 1 }, ChunkRows { seq: 2, start: 3, len: 4 }],
-                vec![ChunkRows { seq: 3, start: 4, len: 2 }, ChunkRows { seq: 2, start: 7, len: 1 }],
-            ];
-            for (s, chunks) in steps.iter().enumerate() {
-                if s == 2 {
-                    host.fork(1, 3, 4).unwrap();
-                    tensor.fork(1, 3, 4).unwrap();
-                }
-                let t: usize = chunks.iter().map(|c| c.len).sum();
-                for layer in 0..shape.layers {
-                    let seed = (s * 10 + layer) as u64;
-                    let q = Tensor::from_vec(random(t * 64, seed), (t, 64), &Device::Cpu).unwrap();
-                    let k = Tensor::from_vec(random(t * 32, seed + 100), (t, 32), &Device::Cpu).unwrap();
-                    let v = Tensor::from_vec(random(t * 32, seed + 200), (t, 32), &Device::Cpu).unwrap();
-                    let a = host.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
-                    let b =
-                        tensor.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
-                    for (ra, rb) in a.iter().zip(&b) {
-                        for (x, y) in ra.iter().zip(rb) {
-                            assert!((x - y).abs() < 1e-5, "{style:?} step {s} layer {layer}: {x} vs {y}");
-                        }
+    /// Runs the same steps (chunked prompts, decode steps, a fork) through two implementations and
+    /// returns the largest difference between their outputs.
+    fn compare(mut a: KvCaches, mut b: KvCaches, style: RopeStyle) -> f32 {
+        let shape = AttentionShape { layers: 2, heads: 4, kv_heads: 2, head_dim: 16 };
+        let rope = Rope::new(style, 16, 10_000.0, 64, None);
+        // Step 1: a 5-token prompt for seq 1 and a 3-token prompt for seq 2; then decode steps,
+        // a second chunk of seq 2, and a fork of seq 1 into seq 3.
+        let steps: Vec<Vec<ChunkRows>> = vec![
+            vec![ChunkRows { seq: 1, start: 0, len: 5 }, ChunkRows { seq: 2, start: 0, len: 3 }],
+            vec![ChunkRows { seq: 1, start: 5, len: 1 }, ChunkRows { seq: 2, start: 3, len: 4 }],
+            vec![ChunkRows { seq: 3, start: 4, len: 2 }, ChunkRows { seq: 2, start: 7, len: 1 }],
+        ];
+        let mut worst = 0f32;
+        for (s, chunks) in steps.iter().enumerate() {
+            if s == 2 {
+                a.fork(1, 3, 4).unwrap();
+                b.fork(1, 3, 4).unwrap();
+            }
+            let t: usize = chunks.iter().map(|c| c.len).sum();
+            for layer in 0..shape.layers {
+                let seed = (s * 10 + layer) as u64;
+                let q = Tensor::from_vec(random(t * 64, seed), (t, 64), &Device::Cpu).unwrap();
+                let k = Tensor::from_vec(random(t * 32, seed + 100), (t, 32), &Device::Cpu).unwrap();
+                let v = Tensor::from_vec(random(t * 32, seed + 200), (t, 32), &Device::Cpu).unwrap();
+                let x = a.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
+                let y = b.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
+                for (rx, ry) in x.iter().zip(&y) {
+                    for (x, y) in rx.iter().zip(ry) {
+                        worst = worst.max((x - y).abs());
                     }
                 }
             }
-            assert_eq!(host.len(2), 8);
-            assert_eq!(tensor.len(2), 8);
-            assert_eq!(host.len(3), 6);
         }
+        assert_eq!((a.len(2), b.len(2)), (8, 8));
+        assert_eq!((a.len(3), b.len(3)), (6, 6));
+        worst
+    }
+
+    const SHAPE: AttentionShape = AttentionShape { layers: 2, heads: 4, kv_heads: 2, head_dim: 16 };
+
+    #[test]
+    fn the_host_kernel_matches_candle_ops_over_chunked_steps_and_forks() {
+        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+            let tensor = || KvCaches::Tensor(TensorKv::new(SHAPE, Device::Cpu));
+            let f32_host = KvCaches::Host(HostKv::new(SHAPE, KvPrecision::F32));
+            let worst = compare(f32_host, tensor(), style);
+            assert!(worst < 1e-5, "{style:?}, f32 caches: {worst}");
+            // f16 caches round keys, values, queries and weights (inputs here are within ±0.5).
+            let f16_host = KvCaches::Host(HostKv::new(SHAPE, KvPrecision::F16));
+            let worst = compare(f16_host, tensor(), style);
+            assert!(worst < 2e-3, "{style:?}, f16 caches: {worst}");
+        }
+    }
+
+    #[test]
+    fn the_simd_and_portable_kernels_agree() {
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            let simd = KvCaches::Host(HostKv::new(SHAPE, precision));
+            let portable = KvCaches::Host(HostKv::new(SHAPE, precision).without_simd());
+            // The same operations in the same order: bit-identical.
+            let worst = compare(simd, portable, RopeStyle::Neox);
+            assert_eq!(worst, 0.0, "{precision:?}");
+        }
+    }
+
+    #[test]
+    fn f16_caches_take_half_the_bytes() {
+        let host = |p| KvCaches::Host(HostKv::new(SHAPE, p)).bytes_per_token();
+        assert_eq!(host(KvPrecision::F32), 2 * 2 * 32 * 4);
+        assert_eq!(host(KvPrecision::F16), 2 * 2 * 32 * 2);
     }
 
     #[test]
     fn a_chunk_that_does_not_continue_its_cache_is_refused() {
         let shape = AttentionShape { layers: 1, heads: 1, kv_heads: 1, head_dim: 2 };
         let rope = Rope::new(RopeStyle::Neox, 2, 10_000.0, 8, None);
-        let mut kv = KvCaches::Host(HostKv::new(shape));
+        let mut kv = KvCaches::Host(HostKv::new(shape, KvPrecision::F16));
         let x = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
         let err = kv.attend(0, &rope, &x, &x, &x, &[ChunkRows { seq: 1, start: 3, len: 1 }]).err().unwrap();
         assert!(err.to_string().contains("starts at 3"), "{err}");

@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -19,10 +20,11 @@ use candle_core::{Device, Module, Tensor};
 use hearth_engine::generate::model::{Chunk, DecoderInfo, DecoderModel, SeqId};
 use hearth_engine::BoxError;
 
+pub use crate::attention::KvPrecision;
 use crate::attention::{AttentionShape, ChunkRows, KvCaches, Rope, RopeStyle};
 use crate::device::{default_activation_budget, resolved_device, select_device};
 use crate::error::BackendError;
-use crate::q4_1::Q4_1Matrix;
+use crate::quant::{QuantFormat, QuantMatrix};
 
 /// Decoder architectures this module runs, from GGUF `general.architecture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,60 +163,170 @@ impl GgufFile {
 /// `y = x Wᵀ (+ b)`, with W quantized or not.
 struct Linear {
     weight: Weight,
-    bias: Option<Tensor>,
+    /// The bias as a tensor (candle path) and as host values (CPU path).
+    bias: Option<(Tensor, Vec<f32>)>,
 }
 
 /// A weight matrix and the kernel that multiplies by it.
 enum Weight {
     /// candle's kernels (every type, every device).
     Candle(QMatMul),
-    /// Hearth's CPU kernel for Q4_1 ([`crate::q4_1`]).
-    Q4_1(Q4_1Matrix),
+    /// Hearth's CPU kernels for Q4_1 and Q8_0 ([`crate::quant`]), shared when tied.
+    Host(Arc<QuantMatrix>),
 }
 
 impl Weight {
     fn new(tensor: QTensor, matmul: MatmulImplementation) -> Result<Self, BackendError> {
-        if matmul == MatmulImplementation::Auto
-            && tensor.dtype() == GgmlDType::Q4_1
-            && tensor.device().is_cpu()
-        {
-            let (n, k) = tensor.shape().dims2()?;
-            return Ok(Self::Q4_1(Q4_1Matrix::from_ggml(&tensor.data()?, n, k, true)?));
+        match host_matrix(&tensor, matmul)? {
+            Some(matrix) => Ok(Self::Host(Arc::new(matrix))),
+            None => Ok(Self::Candle(QMatMul::from_qtensor(tensor)?)),
         }
-        Ok(Self::Candle(QMatMul::from_qtensor(tensor)?))
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Candle(weight) => weight.forward(x),
-            Self::Q4_1(weight) => {
+            Self::Host(weight) => {
                 let (m, _) = x.dims2()?;
                 let y = weight.matmul(&x.flatten_all()?.to_vec1::<f32>()?, m);
                 Tensor::from_vec(y, (m, weight.rows()), x.device())
             }
         }
     }
+
+    /// `x` is `m` rows on the host.
+    fn forward_host(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Self::Host(weight) => Ok(weight.matmul(x, m)),
+            Self::Candle(weight) => {
+                let x = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
+                weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()
+            }
+        }
+    }
+}
+
+/// The tensor as a host matrix for Hearth's kernels, where one serves its type on this device.
+fn host_matrix(tensor: &QTensor, matmul: MatmulImplementation) -> Result<Option<QuantMatrix>, BackendError> {
+    let format = match tensor.dtype() {
+        GgmlDType::Q4_1 => QuantFormat::Q4_1,
+        GgmlDType::Q8_0 => QuantFormat::Q8_0,
+        _ => return Ok(None),
+    };
+    if matmul != MatmulImplementation::Auto || !tensor.device().is_cpu() {
+        return Ok(None);
+    }
+    let (n, k) = tensor.shape().dims2()?;
+    Ok(Some(QuantMatrix::from_ggml(format, &tensor.data()?, n, k, true)?))
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.weight.forward(x)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some((b, _)) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    fn forward_host(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let mut y = self.weight.forward_host(x, m)?;
+        if let Some((_, b)) = &self.bias {
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// The token embedding table.
+enum Embedding {
+    Candle(QTensor),
+    /// A Q4_1/Q8_0 table on the host, shared with the output projection when the two are tied.
+    Host(Arc<QuantMatrix>),
+}
+
+impl Embedding {
+    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor, BackendError> {
+        match self {
+            Self::Candle(table) => Ok(table.embedding(&Tensor::new(ids, device)?)?),
+            Self::Host(_) => {
+                let rows = self.forward_host(ids)?;
+                Ok(Tensor::from_vec(rows, (ids.len(), self.width()), device)?)
+            }
+        }
+    }
+
+    fn forward_host(&self, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
+        match self {
+            Self::Candle(table) => {
+                Ok(table.embedding(&Tensor::new(ids, &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            Self::Host(table) => {
+                let width = table.cols();
+                let mut out = vec![0f32; ids.len() * width];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(width)) {
+                    if id as usize >= table.rows() {
+                        return Err(BackendError::Unsupported(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            table.rows()
+                        )));
+                    }
+                    table.dequantize_row(id as usize, row);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    fn width(&self) -> usize {
+        match self {
+            Self::Candle(table) => table.shape().dims().last().copied().unwrap_or(0),
+            Self::Host(table) => table.cols(),
         }
     }
 }
 
 struct RmsNorm {
     weight: Tensor,
+    host: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
+    fn new(weight: Tensor, eps: f32) -> Result<Self, BackendError> {
+        let host = weight.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { weight, host, eps })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
+
+    /// ggml's `rms_norm` then `mul`: squares summed in f64, `1/sqrt(mean + eps)` in f32.
+    fn forward_host(&self, x: &[f32]) -> Vec<f32> {
+        let width = self.host.len();
+        let mut out = vec![0f32; x.len()];
+        for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (sum / width as f64) as f32;
+            let scale = 1.0 / (mean + self.eps).sqrt();
+            for ((o, &v), &w) in out.iter_mut().zip(row).zip(&self.host) {
+                *o = (v * scale) * w;
+            }
+        }
+        out
+    }
+}
+
+/// `gate ← silu(gate) · up`, elementwise (ggml's `swiglu`).
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, &y)| *x += y);
 }
 
 struct Layer {
@@ -245,7 +357,7 @@ pub struct LoadedDecoder {
 }
 
 pub struct LlamaDecoder {
-    embed: QTensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Weight,
@@ -254,6 +366,9 @@ pub struct LlamaDecoder {
     shape: AttentionShape,
     info: DecoderInfo,
     device: Device,
+    /// The model's own thread pool: a step runs inside it, so the owner thread is one of its
+    /// workers and each kernel's parallel loop costs a join, not a hand-off to another pool.
+    pool: Arc<rayon::ThreadPool>,
 }
 
 /// How to load a decoder.
@@ -264,6 +379,10 @@ pub struct DecoderOptions {
     pub context_length: Option<usize>,
     pub kv: KvImplementation,
     pub matmul: MatmulImplementation,
+    /// CPU threads for this model's kernels (its own pool; default: one per core).
+    pub threads: Option<usize>,
+    /// The element type of host KV caches (CPU).
+    pub kv_precision: KvPrecision,
 }
 
 /// Which matmul kernels a decoder uses.
@@ -329,18 +448,28 @@ impl LlamaDecoder {
             Ok(t)
         };
         let has = |name: &str| gguf.content.tensor_infos.contains_key(name);
-        let norm = |t: QTensor| -> Result<RmsNorm, BackendError> {
-            Ok(RmsNorm { weight: t.dequantize(&device)?, eps })
-        };
+        let norm =
+            |t: QTensor| -> Result<RmsNorm, BackendError> { RmsNorm::new(t.dequantize(&device)?, eps) };
         let embed = tensor("token_embd.weight")?;
         let vocab_size = embed.shape().dims2()?.0;
+        let tied = !has("output.weight");
+        // Tied embeddings (SmolLM2, small Qwen2.5) have no `output.weight`: one host table serves both.
+        let (embed, tied_output) = match host_matrix(&embed, matmul)? {
+            Some(table) if tied => {
+                let table = Arc::new(table);
+                (Embedding::Host(table.clone()), Some(Weight::Host(table)))
+            }
+            _ => (Embedding::Candle(embed), None),
+        };
         let mut blocks = Vec::with_capacity(layers);
         for i in 0..layers {
             let mut linear = |name: &str, bias: bool| -> Result<Linear, BackendError> {
                 let weight = Weight::new(tensor(&format!("blk.{i}.{name}.weight"))?, matmul)?;
                 let bias_name = format!("blk.{i}.{name}.bias");
                 let bias = if bias && has(&bias_name) {
-                    Some(tensor(&bias_name)?.dequantize(&device)?)
+                    let b = tensor(&bias_name)?.dequantize(&device)?;
+                    let host = b.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+                    Some((b, host))
                 } else {
                     None
                 };
@@ -367,11 +496,10 @@ impl LlamaDecoder {
             });
         }
         let final_norm = norm(tensor("output_norm.weight")?)?;
-        // Tied embeddings (SmolLM2, small Qwen2.5) have no `output.weight`.
-        let output = if has("output.weight") {
-            Weight::new(tensor("output.weight")?, matmul)?
-        } else {
-            Weight::new(tensor("token_embd.weight")?, matmul)?
+        let output = match tied_output {
+            Some(output) => output,
+            None if tied => Weight::new(tensor("token_embd.weight")?, matmul)?,
+            None => Weight::new(tensor("output.weight")?, matmul)?,
         };
         let freq_factors = if has("rope_freqs.weight") {
             Some(tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
@@ -381,12 +509,12 @@ impl LlamaDecoder {
         let rope = Rope::new(arch.rope(), rope_dims, rope_base, context_length, freq_factors.as_deref());
         let shape = AttentionShape { layers, heads, kv_heads, head_dim };
         let kv = match kv {
-            KvImplementation::Auto => KvCaches::for_device(shape, &device),
+            KvImplementation::Auto => KvCaches::for_device(shape, &device, options.kv_precision),
             KvImplementation::CandleOps => {
                 KvCaches::Tensor(crate::attention::TensorKv::new(shape, device.clone()))
             }
         };
-        let info = DecoderInfo { vocab_size, context_length, kv_bytes_per_token: shape.kv_bytes_per_token() };
+        let info = DecoderInfo { vocab_size, context_length, kv_bytes_per_token: kv.bytes_per_token() };
         let tensor_types = counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
         let loaded = LoadedDecoder {
             arch,
@@ -399,7 +527,15 @@ impl LlamaDecoder {
             device: resolved_device(&device),
             tensor_types,
         };
-        let model = Self { embed, layers: blocks, norm: final_norm, output, rope, kv, shape, info, device };
+        let threads = options.threads.unwrap_or_else(candle_core::utils::get_num_threads).max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("decoder-{i}"))
+            .build()
+            .map(Arc::new)
+            .map_err(|e| BackendError::Unsupported(format!("cannot start the decoder's threads: {e}")))?;
+        let model =
+            Self { embed, layers: blocks, norm: final_norm, output, rope, kv, shape, info, device, pool };
         Ok((model, loaded))
     }
 
@@ -413,33 +549,82 @@ impl LlamaDecoder {
                 c.seq, self.info.context_length
             )));
         }
-        let ids = Tensor::from_vec(ids, rows.iter().map(|c| c.len).sum::<usize>(), &self.device)?;
-        let mut x = self.embed.embedding(&ids)?;
+        // Logits only for the last token of chunks that ask for them.
+        let mut last = Vec::new();
+        let mut end = 0;
+        for chunk in chunks {
+            end += chunk.tokens.len();
+            if chunk.logits {
+                last.push(end - 1);
+            }
+        }
+        if matches!(self.kv, KvCaches::Host(_)) {
+            self.forward_host(&ids, &rows, &last)
+        } else {
+            self.forward_tensors(&ids, &rows, &last)
+        }
+    }
+
+    /// The forward pass in candle ops (every device).
+    fn forward_tensors(
+        &mut self,
+        ids: &[u32],
+        rows: &[ChunkRows],
+        last: &[usize],
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let mut x = self.embed.forward(ids, &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
-            let attended = self.kv.attend(l, &self.rope, &q, &k, &v, &rows)?;
+            let attended = self.kv.attend(l, &self.rope, &q, &k, &v, rows)?;
             x = (x + layer.o.forward(&attended)?)?;
             let h = layer.ffn_norm.forward(&x)?;
             let gated = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&gated)?)?;
         }
-        // Logits only for the last token of chunks that ask for them.
-        let mut last = Vec::new();
-        let mut end = 0u32;
-        for chunk in chunks {
-            end += chunk.tokens.len() as u32;
-            if chunk.logits {
-                last.push(end - 1);
-            }
+        if last.is_empty() {
+            return Ok(Vec::new());
+        }
+        let index: Vec<u32> = last.iter().map(|&i| i as u32).collect();
+        let index = Tensor::from_vec(index, last.len(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&index, 0)?)?;
+        Ok(self.output.forward(&x)?.to_vec2::<f32>()?)
+    }
+
+    /// The same forward pass on the host, for the CPU: activations stay in plain buffers between
+    /// Hearth's kernels (no tensor per op, no candle thread pool beside rayon's).
+    fn forward_host(
+        &mut self,
+        ids: &[u32],
+        rows: &[ChunkRows],
+        last: &[usize],
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let Self { embed, layers, norm, output, rope, kv, .. } = self;
+        let KvCaches::Host(kv) = kv else {
+            return Err(BackendError::Unsupported("the host forward pass needs host KV caches".into()));
+        };
+        let t = ids.len();
+        let mut x = embed.forward_host(ids)?;
+        let width = embed.width();
+        for (l, layer) in layers.iter().enumerate() {
+            let h = layer.attn_norm.forward_host(&x);
+            let mut q = layer.q.forward_host(&h, t)?;
+            let mut k = layer.k.forward_host(&h, t)?;
+            let v = layer.v.forward_host(&h, t)?;
+            let attended = kv.attend_host(l, rope, &mut q, &mut k, &v, rows)?;
+            add_assign(&mut x, &layer.o.forward_host(&attended, t)?);
+            let h = layer.ffn_norm.forward_host(&x);
+            let mut gate = layer.gate.forward_host(&h, t)?;
+            swiglu(&mut gate, &layer.up.forward_host(&h, t)?);
+            add_assign(&mut x, &layer.down.forward_host(&gate, t)?);
         }
         if last.is_empty() {
             return Ok(Vec::new());
         }
-        let n = last.len();
-        let index = Tensor::from_vec(last, n, &self.device)?;
-        let x = self.norm.forward(&x.index_select(&index, 0)?)?;
-        Ok(self.output.forward(&x)?.to_vec2::<f32>()?)
+        let picked: Vec<f32> =
+            last.iter().flat_map(|&i| x[i * width..(i + 1) * width].iter().copied()).collect();
+        let logits = output.forward_host(&norm.forward_host(&picked), last.len())?;
+        Ok(logits.chunks_exact(logits.len() / last.len()).map(<[f32]>::to_vec).collect())
     }
 
     /// Tokens cached for `seq` (tests).
@@ -458,7 +643,8 @@ impl DecoderModel for LlamaDecoder {
     }
 
     fn step(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, BoxError> {
-        Ok(self.forward(chunks)?)
+        let pool = Arc::clone(&self.pool);
+        Ok(pool.install(|| self.forward(chunks))?)
     }
 
     fn release(&mut self, seq: SeqId) {

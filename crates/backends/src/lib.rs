@@ -10,7 +10,7 @@ pub mod device;
 pub mod error;
 pub mod gguf_tokenizer;
 pub mod model_dir;
-pub mod q4_1;
+pub mod quant;
 
 pub use bert_family::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, LoadedEncoder};
 pub use error::BackendError;
