@@ -506,11 +506,8 @@ fn attend_head<T: KvElem>(
         );
     }
     let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
-    let mut sum = 0f64;
-    for w in weights.iter_mut() {
-        *w = (*w - max).exp();
-        sum += f64::from(*w);
-    }
+    exp_shifted(&mut weights, max, simd);
+    let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
     let inv = (1.0 / sum) as f32;
     weights.iter_mut().for_each(|w| *w *= inv);
     if round_weights {
@@ -526,6 +523,69 @@ fn attend_head<T: KvElem>(
     for (j, &w) in weights.iter().enumerate() {
         T::axpy(out, w, &values[j * head.stride + head.offset..][..d]);
     }
+}
+
+/// `x ← e^(x − max)` for soft-max weights (arguments ≤ 0), eight at a time where AVX2 is there. Both
+/// paths run [`exp_nonpositive`]'s steps, so they agree bit for bit.
+fn exp_shifted(values: &mut [f32], max: f32, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is set only when AVX2, FMA and F16C are available.
+        unsafe { exp_shifted_avx2(values, max) };
+        return;
+    }
+    let _ = simd;
+    values.iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
+}
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two so `n · ln 2` is subtracted without rounding error for |n| ≤ 126.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Below this, e^x is under f32's smallest normal: the weight is 0.
+const EXP_MIN: f32 = -87.0;
+
+/// e^x for x ≤ 0: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor series to r⁶ (relative error
+/// below 2e-7), times 2ⁿ built in the exponent bits.
+fn exp_nonpositive(x: f32) -> f32 {
+    if x < EXP_MIN {
+        return 0.0;
+    }
+    let n = (x * LOG2_E).round_ties_even();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let mut p: f32 = 1.0 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_shifted_avx2(values: &mut [f32], max: f32) {
+    use std::arch::x86_64::*;
+    let mut chunks = values.chunks_exact_mut(8);
+    let (shift, floor) = (_mm256_set1_ps(max), _mm256_set1_ps(EXP_MIN));
+    for chunk in &mut chunks {
+        let x = _mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), shift);
+        let under = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+        let x = _mm256_max_ps(x, floor);
+        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2_E)), _MM_FROUND_TO_NEAREST_INT);
+        let minus_n = _mm256_sub_ps(_mm256_setzero_ps(), n);
+        let r = _mm256_fmadd_ps(
+            minus_n,
+            _mm256_set1_ps(LN2_LO),
+            _mm256_fmadd_ps(minus_n, _mm256_set1_ps(LN2_HI), x),
+        );
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+        _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_andnot_ps(under, e));
+    }
+    chunks.into_remainder().iter_mut().for_each(|x| *x = exp_nonpositive(*x - max));
 }
 
 /// Rounds values to the nearest f16 (kept as f32).
@@ -844,6 +904,24 @@ mod tests {
             // The same operations in the same order: bit-identical.
             let worst = compare(simd, portable, RopeStyle::Neox);
             assert_eq!(worst, 0.0, "{precision:?}");
+        }
+    }
+
+    #[test]
+    fn the_soft_max_exp_is_accurate_and_the_same_in_simd() {
+        let xs: Vec<f32> =
+            (0..20_000).map(|i| -(i as f32) * 0.0047).chain([0.0, -86.9, -87.5, -1e30]).collect();
+        let (mut simd, mut portable) = (xs.clone(), xs.clone());
+        exp_shifted(&mut simd, 0.0, kernels_available());
+        exp_shifted(&mut portable, 0.0, false);
+        for ((&x, &a), &b) in xs.iter().zip(&simd).zip(&portable) {
+            assert_eq!(a.to_bits(), b.to_bits(), "e^{x}: {a} vs {b}");
+            let exact = f64::from(x).exp();
+            if x >= EXP_MIN {
+                assert!((f64::from(a) - exact).abs() <= 3e-7 * exact, "e^{x}: {a} vs {exact}");
+            } else {
+                assert_eq!(a, 0.0);
+            }
         }
     }
 
