@@ -18,6 +18,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::BackendError;
+use crate::quant::hsum_lanes;
 
 pub type SeqId = hearth_engine::generate::model::SeqId;
 
@@ -229,6 +230,17 @@ impl KvCaches {
     }
 }
 
+/// A chunk must start where its sequence's cache ends.
+fn continues(chunk: &ChunkRows, cached: usize, layer: usize) -> Result<(), BackendError> {
+    if cached == chunk.start {
+        return Ok(());
+    }
+    Err(BackendError::Unsupported(format!(
+        "sequence {} has {cached} cached tokens at layer {layer}, but its chunk starts at {}",
+        chunk.seq, chunk.start
+    )))
+}
+
 fn positions(chunks: &[ChunkRows]) -> Vec<usize> {
     chunks.iter().flat_map(|c| c.start..c.start + c.len).collect()
 }
@@ -361,13 +373,7 @@ impl HostKv {
                 k: vec![HostBuf::new(precision); shape.layers],
                 v: vec![HostBuf::new(precision); shape.layers],
             });
-            let have = seq.k[layer].len() / kv_width;
-            if have != chunk.start {
-                return Err(BackendError::Unsupported(format!(
-                    "sequence {} has {have} cached tokens at layer {layer}, but its chunk starts at {}",
-                    chunk.seq, chunk.start
-                )));
-            }
+            continues(chunk, seq.k[layer].len() / kv_width, layer)?;
             let rows = row * kv_width..(row + chunk.len) * kv_width;
             seq.k[layer].extend(&k[rows.clone()]);
             seq.v[layer].extend(&v[rows]);
@@ -451,7 +457,7 @@ impl KvElem for f16 {
                 sums[i] = x[i].mul_add(y[i].to_f32(), sums[i]);
             }
         }
-        hsum8(sums)
+        hsum_lanes(sums)
     }
 
     fn axpy(out: &mut [f32], weight: f32, value: &[f16]) {
@@ -623,11 +629,7 @@ unsafe fn scores_avx2<T: KvElem>(head: &Head, keys: &[T], scores: &mut Vec<f32>)
     assert!((head.keys - 1) * head.stride + head.offset + d <= keys.len());
     let q = head.query.as_ptr();
     let key = |j: usize| keys.as_ptr().add(j * head.stride + head.offset);
-    let hsum = |acc: __m256| {
-        let four = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-        _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
-    };
+    let hsum = |acc: __m256| crate::quant::hsum_avx2(acc);
     let mut j = 0;
     while j + 4 <= head.keys {
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -677,12 +679,6 @@ unsafe fn weighted_sum_avx2<T: KvElem>(head: &Head, values: &[T], weights: &[f32
     }
 }
 
-/// ggml's `hsum_float_8` order for eight lanes: high half + low half, then pairwise.
-fn hsum8(x: [f32; 8]) -> f32 {
-    let four = [x[4] + x[0], x[5] + x[1], x[6] + x[2], x[7] + x[3]];
-    (four[0] + four[2]) + (four[1] + four[3])
-}
-
 /// A dot product in eight lanes (element `i` into lane `i mod 8`), as the AVX2 kernel sums.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut sums = [0f32; 8];
@@ -694,7 +690,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
-    hsum8(sums) + tail
+    hsum_lanes(sums) + tail
 }
 
 /// One sequence's caches as tensors: per layer, `[position, kv heads, head_dim]`.
@@ -744,13 +740,7 @@ impl TensorKv {
                 *cache = Some(joined.clone());
                 Ok(joined)
             };
-            let have = seq.k[layer].as_ref().map_or(Ok(0), |t| t.dim(0))?;
-            if have != chunk.start {
-                return Err(BackendError::Unsupported(format!(
-                    "sequence {} has {have} cached tokens at layer {layer}, but its chunk starts at {}",
-                    chunk.seq, chunk.start
-                )));
-            }
+            continues(chunk, seq.k[layer].as_ref().map_or(Ok(0), |t| t.dim(0))?, layer)?;
             let keys = append(&mut seq.k[layer], k.narrow(0, row, chunk.len)?.contiguous()?)?;
             let values = append(&mut seq.v[layer], v.narrow(0, row, chunk.len)?.contiguous()?)?;
             let total = chunk.start + chunk.len;

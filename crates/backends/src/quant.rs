@@ -304,7 +304,7 @@ unsafe fn quantize_block_avx2(x: &[f32]) -> BlockQ8_1 {
 }
 
 /// ggml's `hsum_float_8` order for eight lanes: high half + low half, then pairwise.
-fn hsum_lanes(lanes: [f32; 8]) -> f32 {
+pub(crate) fn hsum_lanes(lanes: [f32; 8]) -> f32 {
     let four = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
     let two = [four[0] + four[2], four[1] + four[3]];
     two[0] + two[1]
@@ -343,7 +343,7 @@ fn q8_0_scalar(scales: &[f32], quants: &[[i8; QK]], a: &[BlockQ8_1]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum_avx2(acc: std::arch::x86_64::__m256) -> f32 {
+pub(crate) unsafe fn hsum_avx2(acc: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let four = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
     let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
