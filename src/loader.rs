@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use hearth_backends::decoder::{DecoderOptions, GgufFile, KvPrecision, LlamaDecoder};
-use hearth_backends::gguf_tokenizer::{self, GgufVocab};
+use hearth_backends::decoder::{Decoder, DecoderFiles, DecoderOptions, GgufFile, KvPrecision};
+use hearth_backends::gguf_tokenizer;
+use hearth_backends::llm_vocab::{self, LlmVocab};
 use hearth_backends::{
     BackendError, CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, LoadedEncoder, ModelDir,
     ModelsRoot,
@@ -98,24 +99,44 @@ impl Loader {
         }
     }
 
-    /// An LLM: its GGUF, its tokenizer (`tokenizer.json` beside the GGUF, else the GGUF's own
-    /// vocabulary), its chat template (the config's, else the model's), and its scheduler.
+    /// An LLM: its weights (a GGUF, or a safetensors folder), its tokenizer (`tokenizer.json` beside
+    /// the weights, else the GGUF's own vocabulary), its chat template (the config's, else the
+    /// model's), and its scheduler.
     async fn generator(&self, config: &ModelConfig, llm: &LlmConfig) -> anyhow::Result<Generator> {
         let dir = self.store.resolve(&llm.weights.source, downloads_allowed()).await?;
         let root = self.store.root().to_owned();
         let file = llm.file.clone();
-        let (path, vocab) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (files, vocab) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let root = ModelsRoot::new(&root)?;
-            let path = find_gguf(&dir, file.as_deref(), &root)?;
-            let gguf = GgufFile::open(&path)?;
-            let mut vocab = gguf_tokenizer::from_gguf(&gguf.metadata());
-            if let Some(json) = root.join(&dir, "tokenizer.json")? {
-                let tokenizer = tokenizers::Tokenizer::from_file(&json)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", json.display()))?;
-                // The GGUF still says which tokens begin and end sequences.
-                vocab = vocab.map(|v| GgufVocab { tokenizer, ..v });
-            }
-            Ok((path, vocab?))
+            let files = find_llm_files(&dir, file.as_deref(), &root)?;
+            let optional = |name: &str| -> anyhow::Result<Option<PathBuf>> {
+                Ok(root.join(&dir, name)?.filter(|p| p.is_file()))
+            };
+            let vocab = match &files {
+                DecoderFiles::Gguf(path) => {
+                    let gguf = GgufFile::open(path)?;
+                    let mut vocab = gguf_tokenizer::from_gguf(&gguf.metadata());
+                    if let Some(json) = optional("tokenizer.json")? {
+                        let tokenizer = tokenizers::Tokenizer::from_file(&json)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", json.display()))?;
+                        // The GGUF still says which tokens begin and end sequences.
+                        vocab = vocab.map(|v| LlmVocab { tokenizer, ..v });
+                    }
+                    vocab?
+                }
+                DecoderFiles::Safetensors { .. } => {
+                    let json = optional("tokenizer.json")?.with_context(|| {
+                        format!("{} has safetensors weights but no tokenizer.json", dir.display())
+                    })?;
+                    llm_vocab::from_hf_files(
+                        &json,
+                        optional("tokenizer_config.json")?.as_deref(),
+                        optional("generation_config.json")?.as_deref(),
+                        optional("chat_template.jinja")?.as_deref(),
+                    )?
+                }
+            };
+            Ok((files, vocab))
         })
         .await??;
         let template_source = llm.chat_template.clone().or_else(|| vocab.chat_template.clone());
@@ -151,14 +172,17 @@ impl Loader {
             },
             ..Default::default()
         };
-        let load_path = path.clone();
+        let shown = match &files {
+            DecoderFiles::Gguf(path) => path.display().to_string(),
+            DecoderFiles::Safetensors { config, .. } => config.display().to_string(),
+        };
         let (scheduler, loaded) =
             SchedulerHandle::start(scheduler_config, Arc::clone(&tokenizer), move || {
-                LlamaDecoder::load(&load_path, &options).map_err(Into::into)
+                Decoder::load_files(&files, &options).map_err(Into::into)
             })
             .await
             .map_err(|e| anyhow::anyhow!(e))
-            .with_context(|| format!("cannot load model `{}` from {}", config.id, path.display()))?;
+            .with_context(|| format!("cannot load model `{}` from {shown}", config.id))?;
         tracing::info!(
             model = %config.id,
             architecture = ?loaded.arch,
@@ -256,21 +280,45 @@ impl Loader {
 }
 
 /// The model's `.gguf` file: `file` if the config names one, else the only one in `dir`.
-fn find_gguf(dir: &std::path::Path, file: Option<&str>, root: &ModelsRoot) -> anyhow::Result<PathBuf> {
+/// The weights in `dir`: the `.gguf` file `file` names or the only one there, else a Hugging Face
+/// checkpoint (`config.json` and `*.safetensors`).
+fn find_llm_files(
+    dir: &std::path::Path,
+    file: Option<&str>,
+    root: &ModelsRoot,
+) -> anyhow::Result<DecoderFiles> {
     if let Some(file) = file {
-        return root.join(dir, file)?.with_context(|| format!("{} has no {file}", dir.display()));
+        let path = root.join(dir, file)?.with_context(|| format!("{} has no {file}", dir.display()))?;
+        return Ok(DecoderFiles::Gguf(path));
     }
-    let mut found: Vec<String> = std::fs::read_dir(dir)
+    let names: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.ends_with(".gguf"))
         .collect();
-    found.sort();
-    match found.as_slice() {
-        [one] => root.join(dir, one)?.with_context(|| format!("{} vanished", dir.join(one).display())),
-        [] => bail!("{} has no .gguf file", dir.display()),
+    let mut ggufs: Vec<&String> = names.iter().filter(|name| name.ends_with(".gguf")).collect();
+    ggufs.sort();
+    let resolve = |name: &str| -> anyhow::Result<PathBuf> {
+        root.join(dir, name)?.with_context(|| format!("{} vanished", dir.join(name).display()))
+    };
+    match ggufs.as_slice() {
+        [one] => Ok(DecoderFiles::Gguf(resolve(one)?)),
+        [] => {
+            let mut shards: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+            shards.sort();
+            if shards.is_empty() || !names.iter().any(|n| n == "config.json") {
+                bail!(
+                    "{} has no .gguf file and no Hugging Face checkpoint (config.json and *.safetensors)",
+                    dir.display()
+                );
+            }
+            Ok(DecoderFiles::Safetensors {
+                config: resolve("config.json")?,
+                shards: shards.into_iter().map(|s| resolve(s)).collect::<anyhow::Result<_>>()?,
+            })
+        }
         many => {
+            let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
             bail!("{} has several .gguf files ({}); set `file` to choose one", dir.display(), many.join(", "))
         }
     }

@@ -741,7 +741,11 @@ mod tests {
             let config = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", preset.name));
             assert_eq!(config.models[0].kind, preset.kind);
             if preset.kind == ModelKind::Llm {
-                assert!(["llama", "qwen2"].contains(&preset.architecture.as_str()), "{}", preset.name);
+                assert!(
+                    ["llama", "qwen2", "qwen3", "gemma3", "phi3"].contains(&preset.architecture.as_str()),
+                    "{}",
+                    preset.name
+                );
             } else {
                 preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
             }

@@ -627,8 +627,17 @@ pub(super) fn check_references(models: &[ModelConfig]) -> Result<(), ConfigError
     Ok(())
 }
 
-/// Default file patterns for hub sources of LLMs (presets name the one quantization they want).
-pub const DEFAULT_LLM_FILES: &[&str] = &["*.gguf", "tokenizer.json", "tokenizer_config.json"];
+/// Default file patterns for hub sources of LLMs (presets name the one quantization they want): a
+/// GGUF repository's files, or a Hugging Face checkpoint's.
+pub const DEFAULT_LLM_FILES: &[&str] = &[
+    "*.gguf",
+    "config.json",
+    "*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
 
 /// Default file patterns for hub sources of encoder models.
 pub const DEFAULT_ENCODER_FILES: &[&str] = &[

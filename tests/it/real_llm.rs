@@ -337,3 +337,114 @@ async fn a_dropped_stream_frees_its_sequence() {
     assert_eq!(tokens.len(), 4);
     assert_eq!(generator.in_flight(), 0);
 }
+
+/// SmolLM2 written as a Hugging Face checkpoint from the GGUF, as llama.cpp's converter would have
+/// read it: every tensor dequantized to f32 under Hugging Face's names, Q/K rows un-permuted back
+/// to the rotate-half layout (the inverse of the converter's permutation), `config.json` from the
+/// GGUF's numbers, `tokenizer.json` saved from the GGUF tokenizer, and the chat template and
+/// special tokens in `tokenizer_config.json` / `generation_config.json`.
+fn write_smollm_as_safetensors(dir: &std::path::Path) {
+    use candle_core::{Device, Tensor};
+    let path = gguf();
+    let file_info = GgufFile::open(&path).unwrap();
+    let md = file_info.metadata();
+    let (heads, kv_heads) =
+        (md.usize("llama.attention.head_count").unwrap(), md.usize("llama.attention.head_count_kv").unwrap());
+    let layers = md.usize("llama.block_count").unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in file_info.content.tensor_infos.keys() {
+        let t = file_info
+            .content
+            .tensor(&mut file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let unpermute = |t: Tensor, heads: usize| -> Tensor {
+            let (rows, cols) = t.dims2().unwrap();
+            let t = t.reshape((heads, rows / heads / 2, 2, cols)).unwrap().transpose(1, 2).unwrap();
+            t.contiguous().unwrap().reshape((rows, cols)).unwrap()
+        };
+        let (hf, t) = match name.as_str() {
+            "token_embd.weight" => ("model.embed_tokens.weight".to_string(), t),
+            "output_norm.weight" => ("model.norm.weight".to_string(), t),
+            other => {
+                let (layer, rest) = other.strip_prefix("blk.").unwrap().split_once('.').unwrap();
+                let (hf, t) = match rest {
+                    "attn_norm.weight" => ("input_layernorm", t),
+                    "ffn_norm.weight" => ("post_attention_layernorm", t),
+                    "attn_q.weight" => ("self_attn.q_proj", unpermute(t, heads)),
+                    "attn_k.weight" => ("self_attn.k_proj", unpermute(t, kv_heads)),
+                    "attn_v.weight" => ("self_attn.v_proj", t),
+                    "attn_output.weight" => ("self_attn.o_proj", t),
+                    "ffn_gate.weight" => ("mlp.gate_proj", t),
+                    "ffn_up.weight" => ("mlp.up_proj", t),
+                    "ffn_down.weight" => ("mlp.down_proj", t),
+                    other => panic!("unexpected tensor {other}"),
+                };
+                (format!("model.layers.{layer}.{hf}.weight"), t)
+            }
+        };
+        tensors.insert(hf, t);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let config = json!({
+        "model_type": "llama",
+        "hidden_size": md.usize("llama.embedding_length").unwrap(),
+        "intermediate_size": md.usize("llama.feed_forward_length").unwrap(),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": md.usize("llama.context_length").unwrap(),
+        "rms_norm_eps": md.f32("llama.attention.layer_norm_rms_epsilon").unwrap(),
+        "rope_theta": md.f32("llama.rope.freq_base").unwrap(),
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let vocab = gguf_tokenizer::from_gguf(&md).unwrap();
+    vocab.tokenizer.save(dir.join("tokenizer.json"), false).unwrap();
+    let tokenizer_config = json!({
+        "chat_template": vocab.chat_template,
+        "bos_token": vocab.bos_text,
+        "eos_token": vocab.eos_text,
+        "add_bos_token": false,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+    std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": vocab.eos_ids}).to_string())
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_model_as_safetensors_serves_the_same_conversation() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("smollm-hf");
+    std::fs::create_dir(&dir).unwrap();
+    write_smollm_as_safetensors(&dir);
+    let app = app(&format!(
+        "models_dir = \"{}\"\n[[models]]\nid = \"smollm-hf\"\nkind = \"llm\"\nsource = \"smollm-hf\"\ndevice = \"cpu\"\n",
+        root.path().display()
+    ))
+    .await;
+    let gguf_app = smollm("").await;
+    for (question, expected) in [("What is 2 + 2?", "4"), ("What is the opposite of hot?", "cold")] {
+        let mut answers = Vec::new();
+        for (app, model) in [(&app, "smollm-hf"), (&gguf_app, "smollm")] {
+            let reply = app
+                .post(
+                    "/v1/chat/completions",
+                    json!({"model": model, "messages": [{"role": "user", "content": question}],
+                           "temperature": 0, "max_tokens": 24}),
+                )
+                .await;
+            assert_eq!(reply.status, 200, "{model}: {}", reply.text);
+            // The Hugging Face tokenizer, template and special tokens give the same prompt.
+            answers.push((
+                reply.body["usage"]["prompt_tokens"].clone(),
+                reply.body["choices"][0]["message"]["content"].clone(),
+            ));
+        }
+        assert_eq!(answers[0].0, answers[1].0, "{question}: prompt lengths differ");
+        let answer = answers[0].1.as_str().unwrap();
+        assert!(answer.contains(expected), "{question} → {answer:?} (the GGUF said {:?})", answers[1].1);
+    }
+}

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use hearth_backends::decoder::{DecoderOptions, LlamaDecoder};
+use hearth_backends::decoder::{Decoder, DecoderOptions};
 use hearth_engine::generate::model::{Chunk, DecoderModel};
 
 fn argmax(row: &[f32]) -> u32 {
@@ -28,7 +28,7 @@ fn main() {
     let streams: usize = args.next().map_or(1, |s| s.parse().expect("streams"));
     let context: usize = args.next().map_or(16, |s| s.parse().expect("context"));
     let steps = 64;
-    let (mut model, loaded) = LlamaDecoder::load(&path, &DecoderOptions::default()).expect("load");
+    let (mut model, loaded) = Decoder::load(&path, &DecoderOptions::default()).expect("load");
     eprintln!("{loaded:?}");
 
     let prompts: Vec<Vec<u32>> = (0..streams)

@@ -32,6 +32,26 @@ pub enum RopeStyle {
     Neox,
 }
 
+/// How a model rotates: style, rotated dimensions and frequencies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub style: RopeStyle,
+    /// Rotated dimensions per head (the rest pass through).
+    pub dims: usize,
+    pub base: f32,
+    /// Linear position scaling: angles are multiplied by it (`1 / rope.scaling.factor`).
+    pub freq_scale: f32,
+    /// Multiplies every cosine and sine (Phi-3's LongRoPE `rope.scaling.attn_factor`).
+    pub attn_factor: f32,
+}
+
+impl RopeConfig {
+    /// Plain rotation: no scaling.
+    pub fn plain(style: RopeStyle, dims: usize, base: f32) -> Self {
+        Self { style, dims, base, freq_scale: 1.0, attn_factor: 1.0 }
+    }
+}
+
 /// Cosines and sines of every position's rotation angles, computed once.
 pub struct Rope {
     style: RopeStyle,
@@ -43,18 +63,15 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// `freq_factors` (Llama 3.x's `rope_freqs.weight`) divide the frequencies, one per pair.
+    /// `freq_factors` (Llama 3.x's `rope_freqs.weight`, Phi-3's LongRoPE factors) divide the
+    /// frequencies, one per pair.
     ///
     /// Angles are computed as ggml computes them, in f32: `θ₀ = p`, each next pair's angle the
-    /// previous one times `base^(-2/dims)`, divided by the pair's frequency factor. The rounding of
-    /// that running product is part of what llama.cpp's logits are, so Hearth repeats it.
-    pub fn new(
-        style: RopeStyle,
-        dims: usize,
-        base: f32,
-        positions: usize,
-        freq_factors: Option<&[f32]>,
-    ) -> Self {
+    /// previous one times `base^(-2/dims)`, divided by the pair's frequency factor, times the
+    /// linear scale. The rounding of that running product is part of what llama.cpp's logits are,
+    /// so Hearth repeats it.
+    pub fn new(config: &RopeConfig, positions: usize, freq_factors: Option<&[f32]>) -> Self {
+        let RopeConfig { style, dims, base, freq_scale, attn_factor } = *config;
         let half = dims / 2;
         let theta_scale = base.powf(-2.0 / dims as f32);
         let mut cos = Vec::with_capacity(positions * half);
@@ -63,9 +80,9 @@ impl Rope {
             let mut theta = p as f32;
             for i in 0..half {
                 let factor = freq_factors.and_then(|ff| ff.get(i)).copied().unwrap_or(1.0);
-                let angle = theta / factor;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let angle = freq_scale * (theta / factor);
+                cos.push(angle.cos() * attn_factor);
+                sin.push(angle.sin() * attn_factor);
                 theta *= theta_scale;
             }
         }
@@ -102,6 +119,29 @@ impl Rope {
                 self.apply(head, position);
             }
         }
+    }
+}
+
+/// How one layer attends: its rotation, its window and its score scale.
+#[derive(Clone, Copy)]
+pub struct LayerAttention<'a> {
+    pub rope: &'a Rope,
+    /// A sliding window (Gemma 3's local layers): a query at position `p` sees the keys at
+    /// `p - window < j ≤ p`, as llama.cpp's standard window masks.
+    pub window: Option<usize>,
+    /// What `q·k` is multiplied by before the soft-max (`1/√head_dim` unless the model says otherwise).
+    pub scale: f32,
+}
+
+impl<'a> LayerAttention<'a> {
+    /// Full causal attention scaled by `1/√head_dim`.
+    pub fn causal(rope: &'a Rope, head_dim: usize) -> Self {
+        Self { rope, window: None, scale: 1.0 / (head_dim as f32).sqrt() }
+    }
+
+    /// The first key position a query at `position` sees.
+    fn first_key(&self, position: usize) -> usize {
+        self.window.map_or(0, |w| (position + 1).saturating_sub(w))
     }
 }
 
@@ -163,15 +203,15 @@ impl KvCaches {
     pub fn attend(
         &mut self,
         layer: usize,
-        rope: &Rope,
+        attn: &LayerAttention,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         chunks: &[ChunkRows],
     ) -> Result<Tensor, BackendError> {
         match self {
-            Self::Host(kv) => kv.attend(layer, rope, q, k, v, chunks),
-            Self::Tensor(kv) => kv.attend(layer, rope, q, k, v, chunks),
+            Self::Host(kv) => kv.attend(layer, attn, q, k, v, chunks),
+            Self::Tensor(kv) => kv.attend(layer, attn, q, k, v, chunks),
         }
     }
 
@@ -330,7 +370,7 @@ impl HostKv {
     fn attend(
         &mut self,
         layer: usize,
-        rope: &Rope,
+        attn: &LayerAttention,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -340,7 +380,7 @@ impl HostKv {
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
         let t = q.len() / (self.shape.heads * self.shape.head_dim);
-        let out = self.attend_host(layer, rope, &mut q, &mut k, &v, chunks)?;
+        let out = self.attend_host(layer, attn, &mut q, &mut k, &v, chunks)?;
         Ok(Tensor::from_vec(out, (t, self.shape.heads * self.shape.head_dim), &Device::Cpu)?)
     }
 
@@ -348,7 +388,7 @@ impl HostKv {
     pub fn attend_host(
         &mut self,
         layer: usize,
-        rope: &Rope,
+        attn: &LayerAttention,
         q: &mut [f32],
         k: &mut [f32],
         v: &[f32],
@@ -357,8 +397,8 @@ impl HostKv {
         let shape = self.shape;
         let (d, width, kv_width) = (shape.head_dim, shape.heads * shape.head_dim, shape.kv_width());
         let positions = positions(chunks);
-        rope.apply_rows(q, d, &positions);
-        rope.apply_rows(k, d, &positions);
+        attn.rope.apply_rows(q, d, &positions);
+        attn.rope.apply_rows(k, d, &positions);
         if self.precision == KvPrecision::F16 {
             // llama.cpp multiplies f16 keys by queries converted to f16.
             round_to_f16(q, self.simd);
@@ -389,22 +429,27 @@ impl HostKv {
             owner.extend(std::iter::repeat_n(i, chunk.len));
         }
         let group = shape.heads / shape.kv_heads;
-        let scale = 1.0 / (d as f32).sqrt();
         let (seqs, simd) = (&self.seqs, self.simd);
         let mut out = vec![0f32; positions.len() * width];
         out.par_chunks_mut(d).enumerate().for_each(|(item, out)| {
             let (t, h) = (item / shape.heads, item % shape.heads);
             let Some(seq) = seqs.get(&chunks[owner[t]].seq) else { return };
+            let first = attn.first_key(positions[t]);
             let head = Head {
                 query: &q[t * width + h * d..][..d],
                 offset: (h / group) * d,
                 stride: kv_width,
-                keys: positions[t] + 1,
-                scale,
+                keys: positions[t] + 1 - first,
+                scale: attn.scale,
             };
+            let from = first * kv_width;
             match (&seq.k[layer], &seq.v[layer]) {
-                (HostBuf::F16(k), HostBuf::F16(v)) => attend_head(&head, k, v, out, simd, true),
-                (HostBuf::F32(k), HostBuf::F32(v)) => attend_head(&head, k, v, out, simd, false),
+                (HostBuf::F16(k), HostBuf::F16(v)) => {
+                    attend_head(&head, &k[from..], &v[from..], out, simd, true)
+                }
+                (HostBuf::F32(k), HostBuf::F32(v)) => {
+                    attend_head(&head, &k[from..], &v[from..], out, simd, false)
+                }
                 _ => unreachable!("one precision per cache"),
             }
         });
@@ -418,7 +463,7 @@ struct Head<'a> {
     /// Where the head's KV head starts within a cached position, and the width of one position.
     offset: usize,
     stride: usize,
-    /// Keys it sees: positions `0..keys` (causal).
+    /// Keys it sees: the first `keys` positions of the slices it is given (the window's start on).
     keys: usize,
     scale: f32,
 }
@@ -713,7 +758,7 @@ impl TensorKv {
     fn attend(
         &mut self,
         layer: usize,
-        rope: &Rope,
+        attn: &LayerAttention,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -723,6 +768,7 @@ impl TensorKv {
         let (d, heads, kv_heads) = (shape.head_dim, shape.heads, shape.kv_heads);
         let positions = positions(chunks);
         let t = positions.len();
+        let rope = attn.rope;
         let (q, k) = (self.rotate(rope, q, heads, &positions)?, self.rotate(rope, k, kv_heads, &positions)?);
         let v = v.reshape((t, kv_heads, d))?;
         let mut outputs = Vec::with_capacity(chunks.len());
@@ -754,12 +800,14 @@ impl TensorKv {
                 .contiguous()?;
             let keys_t = keys.permute((1, 2, 0))?.contiguous()?; // [kv_heads, d, total]
             let values = values.permute((1, 0, 2))?.contiguous()?; // [kv_heads, total, d]
-            let scores = (queries.matmul(&keys_t)? * (1.0 / (d as f64).sqrt()))?;
-            // Causal: query i (position start + i) sees keys 0..=start + i.
+            let scores = (queries.matmul(&keys_t)? * f64::from(attn.scale))?;
+            // Causal: query i (position start + i) sees keys first_key..=start + i.
             let bias: Vec<f32> = (0..group)
                 .flat_map(|_| {
                     (0..chunk.len).flat_map(move |i| {
-                        (0..total).map(move |j| if j <= chunk.start + i { 0.0 } else { f32::NEG_INFINITY })
+                        let (first, last) = (attn.first_key(chunk.start + i), chunk.start + i);
+                        (0..total)
+                            .map(move |j| if (first..=last).contains(&j) { 0.0 } else { f32::NEG_INFINITY })
                     })
                 })
                 .collect();
@@ -834,9 +882,11 @@ mod tests {
 
     /// Runs the same steps (chunked prompts, decode steps, a fork) through two implementations and
     /// returns the largest difference between their outputs.
-    fn compare(mut a: KvCaches, mut b: KvCaches, style: RopeStyle) -> f32 {
+    fn compare(mut a: KvCaches, mut b: KvCaches, style: RopeStyle, window: Option<usize>) -> f32 {
         let shape = AttentionShape { layers: 2, heads: 4, kv_heads: 2, head_dim: 16 };
-        let rope = Rope::new(style, 16, 10_000.0, 64, None);
+        let config = RopeConfig { style, dims: 16, base: 10_000.0, freq_scale: 0.5, attn_factor: 1.1 };
+        let rope = Rope::new(&config, 64, None);
+        let attn = LayerAttention { rope: &rope, window, scale: 0.3 };
         // Step 1: a 5-token prompt for seq 1 and a 3-token prompt for seq 2; then decode steps,
         // a second chunk of seq 2, and a fork of seq 1 into seq 3.
         let steps: Vec<Vec<ChunkRows>> = vec![
@@ -856,8 +906,8 @@ mod tests {
                 let q = Tensor::from_vec(random(t * 64, seed), (t, 64), &Device::Cpu).unwrap();
                 let k = Tensor::from_vec(random(t * 32, seed + 100), (t, 32), &Device::Cpu).unwrap();
                 let v = Tensor::from_vec(random(t * 32, seed + 200), (t, 32), &Device::Cpu).unwrap();
-                let x = a.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
-                let y = b.attend(layer, &rope, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
+                let x = a.attend(layer, &attn, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
+                let y = b.attend(layer, &attn, &q, &k, &v, chunks).unwrap().to_vec2::<f32>().unwrap();
                 for (rx, ry) in x.iter().zip(&y) {
                     for (x, y) in rx.iter().zip(ry) {
                         worst = worst.max((x - y).abs());
@@ -874,15 +924,18 @@ mod tests {
 
     #[test]
     fn the_host_kernel_matches_candle_ops_over_chunked_steps_and_forks() {
-        for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        // A window of 3 makes later queries skip their first keys (sliding-window layers).
+        for (style, window) in
+            [(RopeStyle::Interleaved, None), (RopeStyle::Neox, None), (RopeStyle::Neox, Some(3))]
+        {
             let tensor = || KvCaches::Tensor(TensorKv::new(SHAPE, Device::Cpu));
             let f32_host = KvCaches::Host(HostKv::new(SHAPE, KvPrecision::F32));
-            let worst = compare(f32_host, tensor(), style);
-            assert!(worst < 1e-5, "{style:?}, f32 caches: {worst}");
+            let worst = compare(f32_host, tensor(), style, window);
+            assert!(worst < 1e-5, "{style:?} {window:?}, f32 caches: {worst}");
             // f16 caches round keys, values, queries and weights (inputs here are within ±0.5).
             let f16_host = KvCaches::Host(HostKv::new(SHAPE, KvPrecision::F16));
-            let worst = compare(f16_host, tensor(), style);
-            assert!(worst < 2e-3, "{style:?}, f16 caches: {worst}");
+            let worst = compare(f16_host, tensor(), style, window);
+            assert!(worst < 2e-3, "{style:?} {window:?}, f16 caches: {worst}");
         }
     }
 
@@ -892,7 +945,7 @@ mod tests {
             let simd = KvCaches::Host(HostKv::new(SHAPE, precision));
             let portable = KvCaches::Host(HostKv::new(SHAPE, precision).without_simd());
             // The same operations in the same order: bit-identical.
-            let worst = compare(simd, portable, RopeStyle::Neox);
+            let worst = compare(simd, portable, RopeStyle::Neox, Some(3));
             assert_eq!(worst, 0.0, "{precision:?}");
         }
     }
@@ -925,10 +978,20 @@ mod tests {
     #[test]
     fn a_chunk_that_does_not_continue_its_cache_is_refused() {
         let shape = AttentionShape { layers: 1, heads: 1, kv_heads: 1, head_dim: 2 };
-        let rope = Rope::new(RopeStyle::Neox, 2, 10_000.0, 8, None);
+        let rope = Rope::new(&RopeConfig::plain(RopeStyle::Neox, 2, 10_000.0), 8, None);
         let mut kv = KvCaches::Host(HostKv::new(shape, KvPrecision::F16));
         let x = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
-        let err = kv.attend(0, &rope, &x, &x, &x, &[ChunkRows { seq: 1, start: 3, len: 1 }]).err().unwrap();
+        let err = kv
+            .attend(
+                0,
+                &LayerAttention::causal(&rope, 2),
+                &x,
+                &x,
+                &x,
+                &[ChunkRows { seq: 1, start: 3, len: 1 }],
+            )
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("starts at 3"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
-//! Hearth's decoder forward pass for the llama family (Llama, SmolLM, Mistral, Qwen2) from GGUF,
-//! on candle's quantized kernels.
+//! Hearth's decoder forward pass for the llama family (Llama, SmolLM, Mistral, Qwen2, Qwen3), Gemma 3
+//! and Phi-3, from GGUF or safetensors ([`crate::decoder_source`]), on candle's kernels and Hearth's
+//! own CPU kernels.
 //!
 //! candle-transformers' decoders keep one KV cache inside the model and assume one sequence, so they
 //! cannot batch sequences at different positions. Here one step serves every running sequence: the
@@ -8,7 +9,7 @@
 //! cache ([`crate::attention`]). Each row's arithmetic is independent of the others (quantized
 //! matmuls quantize activations per row), so a sequence gets the same logits alone or in a batch.
 //!
-//! The architecture comes from the file's `general.architecture`, never from a name.
+//! The architecture comes from the file's `general.architecture` or `config.json`, never from a name.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,50 +17,19 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use hearth_engine::generate::model::{Chunk, DecoderInfo, DecoderModel, SeqId};
 use hearth_engine::BoxError;
 
 pub use crate::attention::KvPrecision;
-use crate::attention::{AttentionShape, ChunkRows, KvCaches, Rope, RopeStyle};
+use crate::attention::{AttentionShape, ChunkRows, KvCaches, LayerAttention, Rope};
+use crate::decoder_source::{
+    config_hparams, gguf_hparams, GgufTensors, RawTensor, SafetensorsTensors, TensorSource,
+};
+pub use crate::decoder_source::{DecoderArch, Hparams};
 use crate::device::{default_activation_budget, resolved_device, select_device};
 use crate::error::BackendError;
 use crate::quant::{QuantFormat, QuantMatrix};
-
-/// Decoder architectures this module runs, from GGUF `general.architecture`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecoderArch {
-    /// `llama` (Llama 2/3.x, SmolLM/SmolLM2, Mistral and others converted as `llama`).
-    Llama,
-    /// `qwen2` (Qwen2, Qwen2.5): biases on Q/K/V, NeoX rotation.
-    Qwen2,
-}
-
-impl DecoderArch {
-    pub const NAMES: &'static str = "`llama`, `qwen2`";
-
-    fn from_gguf(name: &str) -> Option<Self> {
-        match name {
-            "llama" => Some(Self::Llama),
-            "qwen2" => Some(Self::Qwen2),
-            _ => None,
-        }
-    }
-
-    fn key(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-        }
-    }
-
-    fn rope(self) -> RopeStyle {
-        match self {
-            Self::Llama => RopeStyle::Interleaved,
-            Self::Qwen2 => RopeStyle::Neox,
-        }
-    }
-}
 
 /// Typed access to a GGUF file's metadata, with errors that name the key and the file.
 pub struct Metadata<'a> {
@@ -173,10 +143,16 @@ enum Weight {
     Candle(QMatMul),
     /// Hearth's CPU kernels for Q4_1 and Q8_0 ([`crate::quant`]), shared when tied.
     Host(Arc<QuantMatrix>),
+    /// A dense matrix from safetensors (f32 on the CPU; its stored type on GPUs).
+    Dense(Tensor),
 }
 
 impl Weight {
-    fn new(tensor: QTensor, matmul: MatmulImplementation) -> Result<Self, BackendError> {
+    fn new(tensor: RawTensor, matmul: MatmulImplementation) -> Result<Self, BackendError> {
+        let tensor = match tensor {
+            RawTensor::Dense(t) => return Ok(Self::Dense(t)),
+            RawTensor::Quant(t) => t,
+        };
         match host_matrix(&tensor, matmul)? {
             Some(matrix) => Ok(Self::Host(Arc::new(matrix))),
             None => Ok(Self::Candle(QMatMul::from_qtensor(tensor)?)),
@@ -186,6 +162,7 @@ impl Weight {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Candle(weight) => weight.forward(x),
+            Self::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
             Self::Host(weight) => {
                 let (m, _) = x.dims2()?;
                 let y = weight.matmul(&x.flatten_all()?.to_vec1::<f32>()?, m);
@@ -198,9 +175,9 @@ impl Weight {
     fn forward_host(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         match self {
             Self::Host(weight) => Ok(weight.matmul(x, m)),
-            Self::Candle(weight) => {
+            Self::Candle(_) | Self::Dense(_) => {
                 let x = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
-                weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()
+                self.forward(&x)?.flatten_all()?.to_vec1::<f32>()
             }
         }
     }
@@ -245,12 +222,17 @@ enum Embedding {
     Candle(QTensor),
     /// A Q4_1/Q8_0 table on the host, shared with the output projection when the two are tied.
     Host(Arc<QuantMatrix>),
+    /// A dense table from safetensors.
+    Dense(Tensor),
 }
 
 impl Embedding {
     fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor, BackendError> {
         match self {
             Self::Candle(table) => Ok(table.embedding(&Tensor::new(ids, device)?)?),
+            Self::Dense(table) => {
+                Ok(table.index_select(&Tensor::new(ids, table.device())?, 0)?.to_dtype(DType::F32)?)
+            }
             Self::Host(_) => {
                 let rows = self.forward_host(ids)?;
                 Ok(Tensor::from_vec(rows, (ids.len(), self.width()), device)?)
@@ -260,8 +242,8 @@ impl Embedding {
 
     fn forward_host(&self, ids: &[u32]) -> Result<Vec<f32>, BackendError> {
         match self {
-            Self::Candle(table) => {
-                Ok(table.embedding(&Tensor::new(ids, &Device::Cpu)?)?.flatten_all()?.to_vec1::<f32>()?)
+            Self::Candle(_) | Self::Dense(_) => {
+                Ok(self.forward(ids, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
             }
             Self::Host(table) => {
                 let width = table.cols();
@@ -283,6 +265,7 @@ impl Embedding {
     fn width(&self) -> usize {
         match self {
             Self::Candle(table) => table.shape().dims().last().copied().unwrap_or(0),
+            Self::Dense(table) => table.dims().last().copied().unwrap_or(0),
             Self::Host(table) => table.cols(),
         }
     }
@@ -320,9 +303,37 @@ impl RmsNorm {
     }
 }
 
-/// `gate ← silu(gate) · up`, elementwise (ggml's `swiglu`).
-fn swiglu(gate: &mut [f32], up: &[f32]) {
-    gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+/// The feed-forward gate's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Activation {
+    /// SiLU (llama, Qwen, Phi-3).
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
+}
+
+impl Activation {
+    /// `gate ← act(gate) · up`, elementwise (ggml's `swiglu` / `geglu`).
+    fn gate_host(self, gate: &mut [f32], up: &[f32]) {
+        match self {
+            Self::Silu => gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u),
+            Self::GeluTanh => gate.iter_mut().zip(up).for_each(|(g, &u)| *g = gelu_tanh(*g) * u),
+        }
+    }
+
+    fn gate(self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        let activated = match self {
+            Self::Silu => candle_nn::ops::silu(gate)?,
+            Self::GeluTanh => gate.gelu()?,
+        };
+        activated * up
+    }
+}
+
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {
@@ -334,11 +345,84 @@ struct Layer {
     q: Linear,
     k: Linear,
     v: Linear,
+    /// Per-head RMS norms of queries and keys, before rotation (Qwen3, Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     o: Linear,
+    /// Normalises attention's output before the residual add (Gemma 3).
+    post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Normalises the FFN's output before the residual add (Gemma 3).
+    post_ffn_norm: Option<RmsNorm>,
+    /// Sliding-window layer: its window and the index of its RoPE table.
+    window: Option<usize>,
+    rope: usize,
+}
+
+fn apply_norm(norm: &Option<RmsNorm>, x: Vec<f32>) -> Vec<f32> {
+    match norm {
+        Some(norm) => norm.forward_host(&x),
+        None => x,
+    }
+}
+
+fn apply_norm_tensor(norm: &Option<RmsNorm>, x: Tensor) -> candle_core::Result<Tensor> {
+    match norm {
+        Some(norm) => norm.forward(&x),
+        None => Ok(x),
+    }
+}
+
+/// Reads a model's tensors into the forward pass's types, counting them by type.
+struct Tensors<'a> {
+    source: &'a mut dyn TensorSource,
+    counts: std::collections::BTreeMap<String, usize>,
+    device: &'a Device,
+    matmul: MatmulImplementation,
+    eps: f32,
+}
+
+impl Tensors<'_> {
+    fn tensor(&mut self, name: &str) -> Result<RawTensor, BackendError> {
+        let t = self.source.get(name)?;
+        *self.counts.entry(t.type_name()).or_default() += 1;
+        Ok(t)
+    }
+
+    /// A weight and its bias `bias`, when the model has one.
+    fn linear(&mut self, weight: RawTensor, bias: &str) -> Result<Linear, BackendError> {
+        let bias = if self.source.has(bias) {
+            let b = self.tensor(bias)?.to_f32(self.device)?;
+            let host = b.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+            Some((b, host))
+        } else {
+            None
+        };
+        Ok(Linear { weight: Weight::new(weight, self.matmul)?, bias })
+    }
+
+    fn norm(&mut self, name: &str) -> Result<RmsNorm, BackendError> {
+        RmsNorm::new(self.tensor(name)?.to_f32(self.device)?, self.eps)
+    }
+
+    fn optional_norm(&mut self, name: &str) -> Result<Option<RmsNorm>, BackendError> {
+        if self.source.has(name) {
+            self.norm(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A small tensor's values on the host, when the model has it.
+    fn host_values(&mut self, name: &str) -> Result<Option<Vec<f32>>, BackendError> {
+        if !self.source.has(name) {
+            return Ok(None);
+        }
+        Ok(Some(self.source.get(name)?.to_f32(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
+    }
 }
 
 /// What a loaded decoder reports about itself.
@@ -356,12 +440,53 @@ pub struct LoadedDecoder {
     pub tensor_types: String,
 }
 
-pub struct LlamaDecoder {
+/// Where a decoder's weights are.
+#[derive(Clone, Debug)]
+pub enum DecoderFiles {
+    /// One GGUF file.
+    Gguf(PathBuf),
+    /// A Hugging Face folder: `config.json` and the safetensors shards.
+    Safetensors { config: PathBuf, shards: Vec<PathBuf> },
+}
+
+impl DecoderFiles {
+    /// A `.gguf` file, or a folder holding `config.json` and `*.safetensors` (shards found by
+    /// listing it; the server resolves them inside its models directory instead).
+    pub fn from_path(path: &Path) -> Result<Self, BackendError> {
+        if !path.is_dir() {
+            return Ok(Self::Gguf(path.to_owned()));
+        }
+        let entries =
+            std::fs::read_dir(path).map_err(|source| BackendError::Io { path: path.to_owned(), source })?;
+        let mut shards: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        shards.sort();
+        Ok(Self::Safetensors { config: path.join("config.json"), shards })
+    }
+
+    fn describe(&self) -> PathBuf {
+        match self {
+            Self::Gguf(path) => path.clone(),
+            Self::Safetensors { config, .. } => config.parent().unwrap_or(config).to_owned(),
+        }
+    }
+}
+
+/// A decoder-only transformer with one KV cache per sequence.
+pub struct Decoder {
     embed: Embedding,
+    embedding_scale: Option<f32>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Weight,
-    rope: Rope,
+    final_logit_softcap: Option<f32>,
+    /// RoPE tables: `[global]`, or `[global, sliding]`.
+    ropes: Vec<Rope>,
+    attention_scale: f32,
+    activation: Activation,
     kv: KvCaches,
     shape: AttentionShape,
     info: DecoderInfo,
@@ -405,123 +530,158 @@ pub enum KvImplementation {
     CandleOps,
 }
 
-impl LlamaDecoder {
+impl Decoder {
+    /// Loads a `.gguf` file or a safetensors folder (see [`DecoderFiles::from_path`]).
     pub fn load(path: &Path, options: &DecoderOptions) -> Result<(Self, LoadedDecoder), BackendError> {
-        let (device, kv, matmul) = (options.device, options.kv, options.matmul);
-        let gguf = GgufFile::open(path)?;
-        let md = gguf.metadata();
-        let arch_name = md.string("general.architecture")?;
-        let arch = DecoderArch::from_gguf(arch_name).ok_or_else(|| {
-            BackendError::Unsupported(format!(
-                "{}: architecture `{arch_name}` is not supported; supported: {}",
-                path.display(),
-                DecoderArch::NAMES
-            ))
-        })?;
-        let key = |name: &str| format!("{}.{name}", arch.key());
-        let hidden = md.usize(&key("embedding_length"))?;
-        let layers = md.usize(&key("block_count"))?;
-        let heads = md.usize(&key("attention.head_count"))?;
-        let kv_heads = md.usize(&key("attention.head_count_kv")).unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(BackendError::Unsupported(format!(
-                "{}: {heads} heads, {kv_heads} KV heads and width {hidden} do not fit together",
-                path.display()
-            )));
-        }
-        let head_dim = md.usize(&key("attention.key_length")).unwrap_or(hidden / heads);
-        let trained_context = md.usize(&key("context_length"))?;
-        let context_length = options.context_length.map_or(trained_context, |n| n.min(trained_context));
-        let eps = md.f32(&key("attention.layer_norm_rms_epsilon"))?;
-        let rope_base = md.f32(&key("rope.freq_base")).unwrap_or(10_000.0);
-        let rope_dims = md.usize(&key("rope.dimension_count")).unwrap_or(head_dim);
+        Self::load_files(&DecoderFiles::from_path(path)?, options)
+    }
 
-        let device = select_device(device)?;
-        let mut file =
-            File::open(path).map_err(|source| BackendError::Io { path: path.to_owned(), source })?;
-        let mut counts = std::collections::BTreeMap::<String, usize>::new();
-        let mut tensor = |name: &str| -> Result<QTensor, BackendError> {
-            let t = gguf.content.tensor(&mut file, name, &device).map_err(|e| {
-                BackendError::Unsupported(format!("{}: tensor `{name}`: {e}", path.display()))
-            })?;
-            *counts.entry(format!("{:?}", t.dtype())).or_default() += 1;
-            Ok(t)
-        };
-        let has = |name: &str| gguf.content.tensor_infos.contains_key(name);
-        let norm =
-            |t: QTensor| -> Result<RmsNorm, BackendError> { RmsNorm::new(t.dequantize(&device)?, eps) };
-        let embed = tensor("token_embd.weight")?;
-        let vocab_size = embed.shape().dims2()?.0;
-        let tied = !has("output.weight");
-        // Tied embeddings (SmolLM2, small Qwen2.5) have no `output.weight`: one host table serves both.
-        let (embed, tied_output) = match host_matrix(&embed, matmul)? {
-            Some(table) if tied => {
-                let table = Arc::new(table);
-                (Embedding::Host(table.clone()), Some(Weight::Host(table)))
+    pub fn load_files(
+        files: &DecoderFiles,
+        options: &DecoderOptions,
+    ) -> Result<(Self, LoadedDecoder), BackendError> {
+        let device = select_device(options.device)?;
+        match files {
+            DecoderFiles::Gguf(path) => {
+                let gguf = GgufFile::open(path)?;
+                let hparams = gguf_hparams(&gguf)?;
+                let mut source = GgufTensors::new(&gguf, &device)?;
+                Self::build(&hparams, &mut source, device, options, path)
             }
-            _ => (Embedding::Candle(embed), None),
+            DecoderFiles::Safetensors { config, shards } => {
+                let hparams = config_hparams(config)?;
+                let dir = files.describe();
+                let mut source = SafetensorsTensors::open(&dir, shards, hparams.arch, &device)?;
+                Self::build(&hparams, &mut source, device, options, &dir)
+            }
+        }
+    }
+
+    fn build(
+        h: &Hparams,
+        source: &mut dyn TensorSource,
+        device: Device,
+        options: &DecoderOptions,
+        path: &Path,
+    ) -> Result<(Self, LoadedDecoder), BackendError> {
+        let matmul = options.matmul;
+        let context_length = options.context_length.map_or(h.context_length, |n| n.min(h.context_length));
+        let mut ld = Tensors { source, counts: Default::default(), device: &device, matmul, eps: h.eps };
+        let embed = ld.tensor("token_embd.weight")?;
+        let vocab_size = embed.rows()?;
+        let tied = h.tied.unwrap_or(false) || !ld.source.has("output.weight");
+        // Tied embeddings (SmolLM2, small Qwen2.5, Gemma) have no `output.weight`: one table serves
+        // both, as a host matrix for Hearth's kernels where one serves its type.
+        let (embed, tied_output) = match embed {
+            RawTensor::Dense(table) => {
+                let output = tied.then(|| Weight::Dense(table.clone()));
+                (Embedding::Dense(table), output)
+            }
+            RawTensor::Quant(table) => match host_matrix(&table, matmul)? {
+                Some(host) if tied => {
+                    let host = Arc::new(host);
+                    (Embedding::Host(host.clone()), Some(Weight::Host(host)))
+                }
+                _ => (Embedding::Candle(table), None),
+            },
         };
-        let mut blocks = Vec::with_capacity(layers);
-        for i in 0..layers {
-            let mut linear = |name: &str, bias: bool| -> Result<Linear, BackendError> {
-                let weight = Weight::new(tensor(&format!("blk.{i}.{name}.weight"))?, matmul)?;
-                let bias_name = format!("blk.{i}.{name}.bias");
-                let bias = if bias && has(&bias_name) {
-                    let b = tensor(&bias_name)?.dequantize(&device)?;
-                    let host = b.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-                    Some((b, host))
-                } else {
-                    None
-                };
-                Ok(Linear { weight, bias })
+        let (q_rows, kv_rows) = (h.heads * h.head_dim, h.kv_heads * h.head_dim);
+        let mut blocks = Vec::with_capacity(h.layers);
+        for i in 0..h.layers {
+            let name = |t: &str| format!("blk.{i}.{t}");
+            let (q, k, v) = if ld.source.has(&name("attn_qkv.weight")) {
+                // Phi-3: one matrix whose rows are Q, then K, then V.
+                let fused = ld.tensor(&name("attn_qkv.weight"))?;
+                let mut parts = fused.split_rows(&[q_rows, kv_rows, kv_rows], &device)?.into_iter();
+                let mut next = || parts.next().expect("three parts");
+                (
+                    ld.linear(next(), &name("attn_q.bias"))?,
+                    ld.linear(next(), &name("attn_k.bias"))?,
+                    ld.linear(next(), &name("attn_v.bias"))?,
+                )
+            } else {
+                let q = ld.tensor(&name("attn_q.weight"))?;
+                let k = ld.tensor(&name("attn_k.weight"))?;
+                let v = ld.tensor(&name("attn_v.weight"))?;
+                (
+                    ld.linear(q, &name("attn_q.bias"))?,
+                    ld.linear(k, &name("attn_k.bias"))?,
+                    ld.linear(v, &name("attn_v.bias"))?,
+                )
             };
-            let qkv_bias = arch == DecoderArch::Qwen2;
-            let q = linear("attn_q", qkv_bias)?;
-            let k = linear("attn_k", qkv_bias)?;
-            let v = linear("attn_v", qkv_bias)?;
-            let o = linear("attn_output", false)?;
-            let gate = linear("ffn_gate", false)?;
-            let up = linear("ffn_up", false)?;
-            let down = linear("ffn_down", false)?;
+            let o = ld.tensor(&name("attn_output.weight"))?;
+            let o = ld.linear(o, &name("attn_output.bias"))?;
+            let (gate, up) = if ld.source.has(&name("ffn_gate.weight")) {
+                let gate = ld.tensor(&name("ffn_gate.weight"))?;
+                let up = ld.tensor(&name("ffn_up.weight"))?;
+                (ld.linear(gate, &name("ffn_gate.bias"))?, ld.linear(up, &name("ffn_up.bias"))?)
+            } else {
+                // Phi-3: `ffn_up` holds the gate's rows, then the up projection's.
+                let fused = ld.tensor(&name("ffn_up.weight"))?;
+                let half = fused.rows()? / 2;
+                let mut parts = fused.split_rows(&[half, half], &device)?.into_iter();
+                let gate = parts.next().expect("two parts");
+                let up = parts.next().expect("two parts");
+                (ld.linear(gate, &name("ffn_gate.bias"))?, ld.linear(up, &name("ffn_up.bias"))?)
+            };
+            let down = ld.tensor(&name("ffn_down.weight"))?;
+            let down = ld.linear(down, &name("ffn_down.bias"))?;
+            let slides = h.slides(i);
             blocks.push(Layer {
-                attn_norm: norm(tensor(&format!("blk.{i}.attn_norm.weight"))?)?,
+                attn_norm: ld.norm(&name("attn_norm.weight"))?,
                 q,
                 k,
                 v,
+                q_norm: ld.optional_norm(&name("attn_q_norm.weight"))?,
+                k_norm: ld.optional_norm(&name("attn_k_norm.weight"))?,
                 o,
-                ffn_norm: norm(tensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+                post_attn_norm: ld.optional_norm(&name("post_attention_norm.weight"))?,
+                ffn_norm: ld.norm(&name("ffn_norm.weight"))?,
                 gate,
                 up,
                 down,
+                post_ffn_norm: ld.optional_norm(&name("post_ffw_norm.weight"))?,
+                window: if slides { h.sliding.map(|s| s.window) } else { None },
+                rope: usize::from(slides),
             });
         }
-        let final_norm = norm(tensor("output_norm.weight")?)?;
+        let final_norm = ld.norm("output_norm.weight")?;
         let output = match tied_output {
             Some(output) => output,
-            None if tied => Weight::new(tensor("token_embd.weight")?, matmul)?,
-            None => Weight::new(tensor("output.weight")?, matmul)?,
+            // candle's kernels keep their own copy of a tied table.
+            None if tied => Weight::new(ld.tensor("token_embd.weight")?, matmul)?,
+            None => Weight::new(ld.tensor("output.weight")?, matmul)?,
         };
-        let freq_factors = if has("rope_freqs.weight") {
-            Some(tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
-        } else {
-            None
-        };
-        let rope = Rope::new(arch.rope(), rope_dims, rope_base, context_length, freq_factors.as_deref());
-        let shape = AttentionShape { layers, heads, kv_heads, head_dim };
-        let kv = match kv {
+        let mut freq_factors = h.freq_factors.clone();
+        if let Some(f) = ld.host_values("rope_freqs.weight")? {
+            freq_factors.always = Some(f);
+        }
+        if let Some(f) = ld.host_values("rope_factors_short.weight")? {
+            freq_factors.short = Some(f);
+        }
+        if let Some(f) = ld.host_values("rope_factors_long.weight")? {
+            freq_factors.long = Some(f);
+        }
+        let tensor_types = ld.counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
+        let mut ropes = vec![Rope::new(&h.rope, context_length, freq_factors.pick(context_length))];
+        if let Some(sliding) = &h.sliding {
+            ropes.push(Rope::new(&sliding.rope, context_length, None));
+        }
+        let shape =
+            AttentionShape { layers: h.layers, heads: h.heads, kv_heads: h.kv_heads, head_dim: h.head_dim };
+        let kv = match options.kv {
             KvImplementation::Auto => KvCaches::for_device(shape, &device, options.kv_precision),
             KvImplementation::CandleOps => {
                 KvCaches::Tensor(crate::attention::TensorKv::new(shape, device.clone()))
             }
         };
         let info = DecoderInfo { vocab_size, context_length, kv_bytes_per_token: kv.bytes_per_token() };
-        let tensor_types = counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect::<Vec<_>>().join(", ");
         let loaded = LoadedDecoder {
-            arch,
-            layers,
-            hidden,
-            heads,
-            kv_heads,
+            arch: h.arch,
+            layers: h.layers,
+            hidden: h.hidden,
+            heads: h.heads,
+            kv_heads: h.kv_heads,
             context_length,
             vocab_size,
             device: resolved_device(&device),
@@ -534,8 +694,30 @@ impl LlamaDecoder {
             .build()
             .map(Arc::new)
             .map_err(|e| BackendError::Unsupported(format!("cannot start the decoder's threads: {e}")))?;
-        let model =
-            Self { embed, layers: blocks, norm: final_norm, output, rope, kv, shape, info, device, pool };
+        if embed.width() != h.hidden {
+            return Err(BackendError::Unsupported(format!(
+                "{}: embeddings are {} wide, the model says {}",
+                path.display(),
+                embed.width(),
+                h.hidden
+            )));
+        }
+        let model = Self {
+            embed,
+            embedding_scale: h.embedding_scale,
+            layers: blocks,
+            norm: final_norm,
+            output,
+            final_logit_softcap: h.final_logit_softcap,
+            ropes,
+            attention_scale: h.attention_scale,
+            activation: if h.arch == DecoderArch::Gemma3 { Activation::GeluTanh } else { Activation::Silu },
+            kv,
+            shape,
+            info,
+            device,
+            pool,
+        };
         Ok((model, loaded))
     }
 
@@ -558,11 +740,15 @@ impl LlamaDecoder {
                 last.push(end - 1);
             }
         }
-        if matches!(self.kv, KvCaches::Host(_)) {
-            self.forward_host(&ids, &rows, &last)
+        let mut logits = if matches!(self.kv, KvCaches::Host(_)) {
+            self.forward_host(&ids, &rows, &last)?
         } else {
-            self.forward_tensors(&ids, &rows, &last)
+            self.forward_tensors(&ids, &rows, &last)?
+        };
+        if let Some(cap) = self.final_logit_softcap {
+            logits.iter_mut().flatten().for_each(|x| *x = cap * (*x / cap).tanh());
         }
+        Ok(logits)
     }
 
     /// The forward pass in candle ops (every device).
@@ -573,14 +759,30 @@ impl LlamaDecoder {
         last: &[usize],
     ) -> Result<Vec<Vec<f32>>, BackendError> {
         let mut x = self.embed.forward(ids, &self.device)?;
+        if let Some(scale) = self.embedding_scale {
+            x = (x * f64::from(scale))?;
+        }
+        let t = ids.len();
+        let head_dim = self.shape.head_dim;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let (q, k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
-            let attended = self.kv.attend(l, &self.rope, &q, &k, &v, rows)?;
-            x = (x + layer.o.forward(&attended)?)?;
+            let (mut q, mut k, v) = (layer.q.forward(&h)?, layer.k.forward(&h)?, layer.v.forward(&h)?);
+            if let Some(norm) = &layer.q_norm {
+                q = norm.forward(&q.reshape((t * self.shape.heads, head_dim))?)?.reshape((t, ()))?;
+            }
+            if let Some(norm) = &layer.k_norm {
+                k = norm.forward(&k.reshape((t * self.shape.kv_heads, head_dim))?)?.reshape((t, ()))?;
+            }
+            let attn = LayerAttention {
+                rope: &self.ropes[layer.rope],
+                window: layer.window,
+                scale: self.attention_scale,
+            };
+            let attended = self.kv.attend(l, &attn, &q, &k, &v, rows)?;
+            x = (x + apply_norm_tensor(&layer.post_attn_norm, layer.o.forward(&attended)?)?)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let gated = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
+            let gated = self.activation.gate(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?;
+            x = (x + apply_norm_tensor(&layer.post_ffn_norm, layer.down.forward(&gated)?)?)?;
         }
         if last.is_empty() {
             return Ok(Vec::new());
@@ -599,24 +801,32 @@ impl LlamaDecoder {
         rows: &[ChunkRows],
         last: &[usize],
     ) -> Result<Vec<Vec<f32>>, BackendError> {
-        let Self { embed, layers, norm, output, rope, kv, .. } = self;
+        let attention: Vec<(Option<usize>, usize)> = self.layers.iter().map(|l| (l.window, l.rope)).collect();
+        let Self {
+            embed, layers, norm, output, ropes, kv, attention_scale, activation, embedding_scale, ..
+        } = self;
         let KvCaches::Host(kv) = kv else {
             return Err(BackendError::Unsupported("the host forward pass needs host KV caches".into()));
         };
         let t = ids.len();
         let mut x = embed.forward_host(ids)?;
+        if let Some(scale) = *embedding_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let width = embed.width();
         for (l, layer) in layers.iter().enumerate() {
             let h = layer.attn_norm.forward_host(&x);
-            let mut q = layer.q.forward_host(&h, t)?;
-            let mut k = layer.k.forward_host(&h, t)?;
+            let mut q = apply_norm(&layer.q_norm, layer.q.forward_host(&h, t)?);
+            let mut k = apply_norm(&layer.k_norm, layer.k.forward_host(&h, t)?);
             let v = layer.v.forward_host(&h, t)?;
-            let attended = kv.attend_host(l, rope, &mut q, &mut k, &v, rows)?;
-            add_assign(&mut x, &layer.o.forward_host(&attended, t)?);
+            let (window, rope) = attention[l];
+            let attn = LayerAttention { rope: &ropes[rope], window, scale: *attention_scale };
+            let attended = kv.attend_host(l, &attn, &mut q, &mut k, &v, rows)?;
+            add_assign(&mut x, &apply_norm(&layer.post_attn_norm, layer.o.forward_host(&attended, t)?));
             let h = layer.ffn_norm.forward_host(&x);
             let mut gate = layer.gate.forward_host(&h, t)?;
-            swiglu(&mut gate, &layer.up.forward_host(&h, t)?);
-            add_assign(&mut x, &layer.down.forward_host(&gate, t)?);
+            activation.gate_host(&mut gate, &layer.up.forward_host(&h, t)?);
+            add_assign(&mut x, &apply_norm(&layer.post_ffn_norm, layer.down.forward_host(&gate, t)?));
         }
         if last.is_empty() {
             return Ok(Vec::new());
@@ -637,7 +847,7 @@ impl LlamaDecoder {
     }
 }
 
-impl DecoderModel for LlamaDecoder {
+impl DecoderModel for Decoder {
     fn info(&self) -> DecoderInfo {
         self.info.clone()
     }

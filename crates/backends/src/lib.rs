@@ -6,9 +6,11 @@ pub mod attention;
 pub mod bert;
 pub mod bert_family;
 pub mod decoder;
+pub mod decoder_source;
 pub mod device;
 pub mod error;
 pub mod gguf_tokenizer;
+pub mod llm_vocab;
 pub mod model_dir;
 pub mod quant;
 

@@ -5,3 +5,4 @@
 mod decoder;
 mod model_dir;
 mod reference;
+mod spm;
