@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::catalogue;
-use crate::config::{self, Config, LogFormat, ModelSource, Overrides};
+use crate::config::{self, AuthOverrides, Config, LogFormat, ModelSource, Overrides, Secret};
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
@@ -39,6 +39,14 @@ struct ConfigArgs {
     /// Where models are stored [default: $XDG_CACHE_HOME/hearth/models].
     #[arg(long, env = "HEARTH_MODELS_DIR")]
     models_dir: Option<PathBuf>,
+    /// API keys file, one key per line (replaces `[auth] keys_file`); under systemd, a credential
+    /// (`$CREDENTIALS_DIRECTORY/api-keys`).
+    #[arg(long, env = "HEARTH_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// One more API key (named `env`), e.g. from a Kubernetes Secret. Environment only: a key on the
+    /// command line would show in `ps`.
+    #[arg(skip = std::env::var("HEARTH_API_KEY").ok().filter(|k| !k.is_empty()).map(Secret))]
+    api_key: Option<Secret>,
 }
 
 #[derive(Debug, Args)]
@@ -95,7 +103,8 @@ pub fn main() -> ExitCode {
 }
 
 fn load_config(args: &ConfigArgs, overrides: Overrides) -> Result<Config, ExitCode> {
-    let overrides = Overrides { models_dir: args.models_dir.clone(), ..overrides };
+    let auth = AuthOverrides { keys_file: args.api_keys_file.clone(), api_key: args.api_key.clone() };
+    let overrides = Overrides { models_dir: args.models_dir.clone(), auth, ..overrides };
     Config::load(&args.config, &overrides).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
@@ -109,6 +118,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         models_dir: None,
         log_format: args.log_format,
         log_level: args.log_level.clone(),
+        auth: AuthOverrides::default(),
     };
     let config = match load_config(&args.config, overrides) {
         Ok(config) => config,
@@ -136,6 +146,14 @@ fn check(args: ConfigArgs) -> ExitCode {
     );
     for model in &config.models {
         println!("  {:<28} {:<10} {}", model.id, model.kind.as_str(), model.describe_source());
+    }
+    let auth = &config.auth;
+    if auth.enabled() {
+        // Names and classes only: keys are never printed (only their digests are kept at all).
+        let keys: Vec<String> = auth.keys.iter().map(|k| format!("{} ({})", k.name, k.class)).collect();
+        println!("api keys: {}", keys.join(", "));
+    } else {
+        println!("api keys: none (open to anyone who can reach the port)");
     }
     ExitCode::SUCCESS
 }

@@ -1,6 +1,7 @@
 //! Hearth: one binary serving OpenAI-compatible AI APIs from local models. The library half holds
 //! everything the binary runs, so tests drive the real router without sockets.
 
+pub mod auth;
 pub mod catalogue;
 pub mod cli;
 pub mod config;

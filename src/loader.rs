@@ -258,6 +258,7 @@ impl Loader {
             model: Arc::clone(&config.id),
             batch: encoder.batch,
             queue_depth: encoder.weights.queue_depth,
+            max_queue_wait: encoder.max_queue_wait,
         };
         let (worker, loaded) =
             EncoderHandle::start(worker_config, move || load(&dir, &options).map_err(Into::into))

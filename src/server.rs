@@ -104,6 +104,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         models_dir = %state.config.models_dir.display(),
         "listening"
     );
+    let auth = &state.config.auth;
+    if auth.enabled() {
+        tracing::info!(keys = auth.keys.len(), metrics_keyed = auth.metrics_require_key, "API keys required");
+    } else if !state.config.server.listens_on_loopback() {
+        tracing::warn!(
+            host = %state.config.server.host,
+            "NO API KEYS ARE CONFIGURED and Hearth listens beyond loopback: anyone who can reach this port \
+             can use every model. Set `[auth] keys_file` (or `[[auth.keys]]`, or HEARTH_API_KEY)"
+        );
+    }
     let loading = tokio::spawn(load_models(state.clone()));
     let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
     let serving = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {

@@ -10,6 +10,7 @@ use hearth_engine::pool::BlockingPool;
 use hearth_engine::registry::Registry;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::auth::Keyring;
 use crate::config::Config;
 use crate::telemetry;
 
@@ -20,6 +21,8 @@ pub struct AppState {
     /// Threads that tokenize (and later decode audio) for every model.
     pub pool: Arc<BlockingPool>,
     pub metrics: PrometheusHandle,
+    /// API keys and their rate-limit buckets.
+    pub keys: Arc<Keyring>,
 }
 
 impl AppState {
@@ -35,6 +38,13 @@ impl AppState {
             config.server.preprocess_queue_depth,
         )
         .context("cannot start the preprocessing threads")?;
-        Ok(Self { config: Arc::new(config), registry: Arc::new(registry), pool: Arc::new(pool), metrics })
+        let keys = Arc::new(Keyring::new(&config.auth));
+        Ok(Self {
+            config: Arc::new(config),
+            registry: Arc::new(registry),
+            pool: Arc::new(pool),
+            metrics,
+            keys,
+        })
     }
 }

@@ -5,6 +5,7 @@
 //! Model entries are shaped per kind (see [`model`]): an entry's table is merged with its preset's
 //! `[defaults]` first, then read once into the options of the entry's kind.
 
+mod auth;
 mod model;
 
 use std::collections::HashSet;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
     parse_source, EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource, RerankConfig,
     ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
@@ -62,6 +64,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    auth: auth::RawAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +79,7 @@ struct RawServer {
     queue_depth: Option<usize>,
     max_inputs_per_request: Option<usize>,
     max_tokens_per_request: Option<usize>,
+    max_queue_wait_ms: Option<u64>,
     preprocess_threads: Option<usize>,
     preprocess_queue_depth: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
@@ -140,6 +145,7 @@ pub struct Config {
     pub models_dir: PathBuf,
     pub server: ServerConfig,
     pub logging: LoggingConfig,
+    pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -153,6 +159,8 @@ pub const DEFAULT_MAX_INPUTS_PER_REQUEST: usize = 2048;
 pub const DEFAULT_MAX_TOKENS_PER_REQUEST: usize = 300_000;
 pub const DEFAULT_PREPROCESS_QUEUE_DEPTH: usize = 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// An encoder refuses (429) a request that the work ahead would keep waiting longer than this.
+pub const DEFAULT_MAX_QUEUE_WAIT_MS: u64 = 2_000;
 
 /// Values from the command line or environment; they override the file.
 #[derive(Clone, Debug, Default)]
@@ -162,6 +170,7 @@ pub struct Overrides {
     pub models_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    pub auth: AuthOverrides,
 }
 
 impl Config {
@@ -176,7 +185,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut config = parse(text, overrides).map_err(|mut e| {
+        let mut config = parse(text, file, overrides).map_err(|mut e| {
             e.file = file.map(Path::to_owned);
             e
         })?;
@@ -247,7 +256,7 @@ fn check_keys(
     Ok(())
 }
 
-fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
     let mut root = DeTable::parse(text)
         .map_err(|e| invalid("", format!("invalid TOML: {}", e.to_string().trim_end())))?;
     let origin = Origin { text, preset: None };
@@ -298,6 +307,10 @@ fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
             server.max_tokens_per_request,
             DEFAULT_MAX_TOKENS_PER_REQUEST,
         )?,
+        max_queue_wait: match server.max_queue_wait_ms.unwrap_or(DEFAULT_MAX_QUEUE_WAIT_MS) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     };
     let available = std::thread::available_parallelism().map_or(2, |n| n.get());
     let server_config = ServerConfig {
@@ -342,7 +355,8 @@ fn parse(text: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         models.push(validated);
     }
     model::check_references(&models)?;
-    Ok(Config { file: None, models_dir, server: server_config, logging, models })
+    let auth = auth::validate(raw.auth, &overrides.auth, file)?;
+    Ok(Config { file: None, models_dir, server: server_config, logging, auth, models })
 }
 
 /// A count that must be at least 1; `default` when unset.
@@ -727,6 +741,7 @@ mod tests {
             models_dir: Some(PathBuf::from("/data")),
             log_format: Some(LogFormat::Json),
             log_level: None,
+            auth: AuthOverrides::default(),
         };
         let config = Config::parse(text, None, &overrides).unwrap();
         assert_eq!((config.server.host.as_str(), config.server.port), ("0.0.0.0", 7000));

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hearth_backends::{is_plain_relative, Architecture};
 use hearth_engine::encoder::BatchLimits;
@@ -36,6 +37,7 @@ const ENCODER_KEYS: &[&str] = &[
     "max_batch_memory_mib",
     "max_inputs_per_request",
     "max_tokens_per_request",
+    "max_queue_wait_ms",
 ];
 
 /// Options only `rerank` entries take.
@@ -75,6 +77,8 @@ pub(super) struct Defaults {
     pub queue_depth: usize,
     pub max_inputs_per_request: usize,
     pub max_tokens_per_request: usize,
+    /// `None`: refuse by queue depth only.
+    pub max_queue_wait: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +110,7 @@ struct RawEncoder {
     max_batch_memory_mib: Option<usize>,
     max_inputs_per_request: Option<usize>,
     max_tokens_per_request: Option<usize>,
+    max_queue_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +209,9 @@ pub struct EncoderConfig {
     pub normalize: Option<bool>,
     pub text: TextConfig,
     pub batch: BatchLimits,
+    /// Refuse a request at once when the work queued ahead would keep it waiting longer than this
+    /// (`max_queue_wait_ms`; 0 turns it off).
+    pub max_queue_wait: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -496,6 +504,7 @@ fn parse_encoder(
             ("max_batch_tokens", encoder.max_batch_tokens.is_some()),
             ("max_batch_size", encoder.max_batch_size.is_some()),
             ("max_batch_memory_mib", encoder.max_batch_memory_mib.is_some()),
+            ("max_queue_wait_ms", encoder.max_queue_wait_ms.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -541,6 +550,11 @@ fn parse_encoder(
                     Some(positive(&field("max_batch_memory_mib"), Some(mib), 1)?.saturating_mul(1 << 20))
                 }
             },
+        },
+        max_queue_wait: match encoder.max_queue_wait_ms {
+            None => defaults.max_queue_wait,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
         },
     };
     let options = match kind {

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use hearth_engine::generate::scheduler::FinishReason;
 use hearth_engine::generate::service::{Generate, Prompt};
 use hearth_engine::generate::template::ChatMessage;
 use hearth_engine::registry::Served;
-use hearth_engine::{ModelKind, Priority};
+use hearth_engine::ModelKind;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -22,6 +23,7 @@ use super::generation::{
 };
 use super::json::Json;
 use super::{labelled, ready_model};
+use crate::auth::Caller;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -168,13 +170,17 @@ impl ChunkFormat for ChatChunks {
     }
 }
 
-pub async fn create(State(state): State<AppState>, Json(request): Json<ChatRequest>) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<ChatRequest>,
+) -> Response {
     let model_name = request.model.clone();
-    let result = respond(&state, request).await;
+    let result = respond(&state, request, caller).await;
     labelled(&state, &model_name, result)
 }
 
-async fn respond(state: &AppState, request: ChatRequest) -> Result<Response, ApiError> {
+async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Result<Response, ApiError> {
     let (entry, served) = ready_model(state, &request.model, ModelKind::Llm)?;
     let Served::Llm(generator) = &*served else {
         return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
@@ -198,12 +204,13 @@ async fn respond(state: &AppState, request: ChatRequest) -> Result<Response, Api
     }
     let fields = request.fields;
     let n = fields.choices()?;
-    let options = fields.options(n, generator.scheduler().info().vocab_size)?;
+    let options = fields.options(n, generator.scheduler().info().vocab_size, caller.priority())?;
     let prompt = generator
-        .prepare(Prompt::Chat(messages(request.messages)?), Priority::Normal)
+        .prepare(Prompt::Chat(messages(request.messages)?), caller.priority())
         .await
         .map_err(|e| ApiError::from(e).for_prompt("messages"))?;
     let streams = generator.start(&prompt, options)?;
+    caller.charge(prompt.tokens.len());
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let (created, fingerprint) = (generation::unix_now(), generation::system_fingerprint());
     if fields.stream {
@@ -215,7 +222,7 @@ async fn respond(state: &AppState, request: ChatRequest) -> Result<Response, Api
             fingerprint,
             include_usage: fields.include_usage(),
         });
-        return Ok(generation::sse(streams, format, prompt.tokens.len(), fields.include_usage()));
+        return Ok(generation::sse(streams, format, prompt.tokens.len(), fields.include_usage(), caller));
     }
     if fields.stream_options.is_some() {
         return Err(ApiError::invalid("`stream_options` applies only with `stream: true`", "stream_options"));
@@ -224,6 +231,7 @@ async fn respond(state: &AppState, request: ChatRequest) -> Result<Response, Api
     let mut usages = Vec::with_capacity(streams.len());
     for (index, stream) in streams.into_iter().enumerate() {
         let done = complete(stream).await?;
+        caller.charge(done.usage.completion_tokens);
         choices.push(json!({
             "index": index,
             "message": {"role": "assistant", "content": done.text, "refusal": null},

@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use hearth_engine::generate::scheduler::FinishReason;
 use hearth_engine::generate::service::{Generate, GenerationStream, PreparedPrompt, Prompt};
 use hearth_engine::registry::Served;
-use hearth_engine::{ModelKind, Priority};
+use hearth_engine::ModelKind;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,6 +21,7 @@ use super::generation::{
 };
 use super::json::Json;
 use super::{labelled, ready_model};
+use crate::auth::Caller;
 use crate::state::AppState;
 
 /// Most prompts one request may carry.
@@ -85,13 +87,17 @@ impl ChunkFormat for CompletionChunks {
     }
 }
 
-pub async fn create(State(state): State<AppState>, Json(request): Json<CompletionRequest>) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<CompletionRequest>,
+) -> Response {
     let model_name = request.model.clone();
-    let result = respond(&state, request).await;
+    let result = respond(&state, request, caller).await;
     labelled(&state, &model_name, result)
 }
 
-async fn respond(state: &AppState, request: CompletionRequest) -> Result<Response, ApiError> {
+async fn respond(state: &AppState, request: CompletionRequest, caller: Caller) -> Result<Response, ApiError> {
     let (entry, served) = ready_model(state, &request.model, ModelKind::Llm)?;
     let Served::Llm(generator) = &*served else {
         return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
@@ -125,7 +131,7 @@ async fn respond(state: &AppState, request: CompletionRequest) -> Result<Respons
     let mut prepared: Vec<PreparedPrompt> = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let ready = generator
-            .prepare(prompt, Priority::Normal)
+            .prepare(prompt, caller.priority())
             .await
             .map_err(|e| ApiError::from(e).for_prompt("prompt"))?;
         prepared.push(ready);
@@ -133,9 +139,10 @@ async fn respond(state: &AppState, request: CompletionRequest) -> Result<Respons
     // Choice `i * n + j` is the `j`th choice of prompt `i`, as OpenAI numbers them.
     let mut streams: Vec<GenerationStream> = Vec::with_capacity(prepared.len() * n as usize);
     for prompt in &prepared {
-        streams.extend(generator.start(prompt, fields.options(n, vocab_size)?)?);
+        streams.extend(generator.start(prompt, fields.options(n, vocab_size, caller.priority())?)?);
     }
     let prompt_tokens: usize = prepared.iter().map(|p| p.tokens.len()).sum();
+    caller.charge(prompt_tokens);
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let (created, fingerprint) = (generation::unix_now(), generation::system_fingerprint());
     if fields.stream {
@@ -150,12 +157,13 @@ async fn respond(state: &AppState, request: CompletionRequest) -> Result<Respons
             fingerprint,
             include_usage: fields.include_usage(),
         });
-        return Ok(generation::sse(streams, format, prompt_tokens, fields.include_usage()));
+        return Ok(generation::sse(streams, format, prompt_tokens, fields.include_usage(), caller));
     }
     let mut choices = Vec::with_capacity(streams.len());
     let mut usages = Vec::with_capacity(streams.len());
     for (index, stream) in streams.into_iter().enumerate() {
         let done = complete(stream).await?;
+        caller.charge(done.usage.completion_tokens);
         let text = if request.echo {
             let i = index / n as usize;
             let prompt = sent[i].clone().unwrap_or_else(|| generator.decode(&prepared[i].tokens));

@@ -6,16 +6,18 @@ use std::fmt;
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use base64::Engine as _;
 use hearth_engine::embed::{Embed, EmbedInput};
 use hearth_engine::registry::Served;
-use hearth_engine::{ModelKind, Priority};
+use hearth_engine::ModelKind;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::json::Json;
 use super::{labelled, ready_model, Usage};
+use crate::auth::Caller;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -60,7 +62,11 @@ enum EmbeddingValue {
     Base64(String),
 }
 
-pub async fn create(State(state): State<AppState>, Json(request): Json<EmbeddingsRequest>) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<EmbeddingsRequest>,
+) -> Response {
     let (entry, served) = match ready_model(&state, &request.model, ModelKind::Embedding) {
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
@@ -69,7 +75,8 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<Embedding
         let Served::Embedding(embedder) = &*served else {
             return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
         };
-        let embeddings = embedder.embed(request.input.0, request.dimensions, Priority::Normal).await?;
+        let embeddings = embedder.embed(request.input.0, request.dimensions, caller.priority()).await?;
+        caller.charge(embeddings.n_tokens);
         let data = embeddings
             .vectors
             .into_iter()

@@ -3,14 +3,17 @@
 //! `{"error": {"message", "type", "param", "code"}}`. Internal causes are logged, not returned.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hearth_engine::{EngineError, ModelKind, Subject};
 use serde::Serialize;
 
-/// Seconds a client should wait after a 429 before retrying.
-const RETRY_AFTER_SECONDS: u64 = 1;
+use crate::auth::{LimitKind, Limited, Quota};
+
+/// How long a client should wait before retrying a model that is still loading.
+const LOADING_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -65,6 +68,16 @@ pub enum ApiError {
     },
     Overloaded {
         message: String,
+        retry_after: Duration,
+    },
+    /// No API key in `Authorization: Bearer` or `x-api-key` (401).
+    MissingApiKey,
+    /// A key that is not configured (401). The message never repeats it.
+    InvalidApiKey,
+    /// The key's requests- or tokens-per-minute limit (429).
+    RateLimited {
+        key: Arc<str>,
+        limited: Limited,
     },
     ShuttingDown,
     /// Anything else; `cause` goes to the log only.
@@ -100,16 +113,21 @@ impl ApiError {
             | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotReady { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn kind(&self) -> &'static str {
+        if let Self::RateLimited { limited, .. } = self {
+            // OpenAI names the limit that was hit: `requests` or `tokens`.
+            return limited.kind.as_str();
+        }
         match self.status() {
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             status if status.is_server_error() => "server_error",
@@ -131,6 +149,9 @@ impl ApiError {
             Self::ModelNotReady { failed: false, .. } => Some("model_loading"),
             Self::ModelNotReady { failed: true, .. } => Some("model_failed"),
             Self::Overloaded { .. } => Some("model_overloaded"),
+            Self::MissingApiKey => None,
+            Self::InvalidApiKey => Some("invalid_api_key"),
+            Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::ShuttingDown => Some("shutting_down"),
             Self::Internal { .. } => Some("internal_error"),
         }
@@ -149,7 +170,7 @@ impl ApiError {
     fn message(&self) -> String {
         match self {
             Self::InvalidRequest { message, .. }
-            | Self::Overloaded { message }
+            | Self::Overloaded { message, .. }
             | Self::ContextLengthExceeded { message, .. }
             | Self::Unsupported { message, .. } => message.clone(),
             Self::UnsupportedMediaType { content_type: Some(content_type) } => {
@@ -178,6 +199,21 @@ impl ApiError {
             }
             Self::ModelNotReady { model, failed: true } => {
                 format!("The model `{model}` is unavailable: it failed (see the server log) and may be restarting")
+            }
+            Self::MissingApiKey => "You didn't provide an API key. Send it in an Authorization header using \
+                                    Bearer auth (`Authorization: Bearer YOUR_KEY`) or in `x-api-key`"
+                .into(),
+            Self::InvalidApiKey => "Incorrect API key provided".into(),
+            Self::RateLimited { key, limited } => {
+                let per_minute = match limited.kind {
+                    LimitKind::Requests => "requests per min (RPM)",
+                    LimitKind::Tokens => "tokens per min (TPM)",
+                };
+                format!(
+                    "Rate limit reached for key `{key}` on {per_minute}: Limit {}. Please try again in {}.",
+                    limited.limit,
+                    reset_text(limited.retry_after)
+                )
             }
             Self::ShuttingDown => "The server is shutting down".into(),
             Self::Internal { .. } => "The server had an error while processing your request".into(),
@@ -217,16 +253,75 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// When a client may retry, if it may.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Overloaded { retry_after, .. } => Some(*retry_after),
+            Self::RateLimited { limited, .. } => Some(limited.retry_after),
+            Self::ModelNotReady { failed: false, .. } => Some(LOADING_RETRY_AFTER),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS
-            || matches!(self, Self::ModelNotReady { failed: false, .. })
-        {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        let headers = response.headers_mut();
+        if let Some(wait) = self.retry_after() {
+            // Whole seconds, rounded up, at least one.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        match &self {
+            Self::RateLimited { limited, .. } => insert_quota(headers, &limited.quota),
+            Self::MissingApiKey | Self::InvalidApiKey => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
+    }
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers, for the limits a key has.
+pub fn insert_quota(headers: &mut HeaderMap, quota: &Quota) {
+    for (kind, status) in [("requests", quota.requests), ("tokens", quota.tokens)] {
+        let Some(status) = status else { continue };
+        for (what, value) in [
+            ("limit", status.limit.to_string()),
+            ("remaining", status.remaining.to_string()),
+            ("reset", reset_text(status.reset)),
+        ] {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")), HeaderValue::try_from(value))
+            {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// A duration as OpenAI writes resets: `250ms`, `1.5s`, `6m0s`.
+pub fn reset_text(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let seconds = duration.as_secs_f64();
+    if seconds < 60.0 {
+        let text = format!("{seconds:.3}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        return format!("{text}s");
+    }
+    let whole = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    let (h, m, s) = (whole / 3_600, whole / 60 % 60, whole % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else {
+        format!("{m}m{s}s")
     }
 }
 
@@ -259,12 +354,30 @@ impl From<EngineError> for ApiError {
                 param: Some(if what == "documents" { "documents" } else { "input" }.into()),
             },
             EngineError::InvalidDimensions { .. } => Self::invalid(message, "dimensions"),
-            EngineError::Overloaded { .. } | EngineError::PreprocessingBusy { .. } => {
-                Self::Overloaded { message }
+            EngineError::Overloaded { reason, .. } => {
+                Self::Overloaded { message, retry_after: reason.retry_after() }
+            }
+            EngineError::PreprocessingBusy { .. } => {
+                Self::Overloaded { message, retry_after: Duration::from_secs(1) }
             }
             EngineError::ShuttingDown { .. } => Self::ShuttingDown,
             EngineError::ModelFailed { model } => Self::ModelNotReady { model, failed: true },
             EngineError::Backend { .. } | EngineError::Internal { .. } => Self::Internal { cause: message },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resets_are_written_as_openai_writes_them() {
+        assert_eq!(reset_text(Duration::from_millis(17)), "17ms");
+        assert_eq!(reset_text(Duration::from_secs(1)), "1s");
+        assert_eq!(reset_text(Duration::from_millis(1_500)), "1.5s");
+        assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+        assert_eq!(reset_text(Duration::from_millis(61_200)), "1m2s");
+        assert_eq!(reset_text(Duration::from_secs(3_725)), "1h2m5s");
     }
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use crate::auth::Caller;
 
 /// Most choices one request may ask for (`n`).
 pub const MAX_CHOICES: u32 = 16;
@@ -110,7 +111,12 @@ impl GenerationFields {
 
     /// The options of each of `n` choices: seeds `seed`, `seed + 1`, … so choices differ but a
     /// request with a seed repeats itself.
-    pub fn options(&self, n: u32, vocab_size: usize) -> Result<Vec<GenerateOptions>, ApiError> {
+    pub fn options(
+        &self,
+        n: u32,
+        vocab_size: usize,
+        priority: Priority,
+    ) -> Result<Vec<GenerateOptions>, ApiError> {
         check_range("temperature", self.temperature, 0.0, 2.0)?;
         check_range("top_p", self.top_p, 0.0, 1.0)?;
         check_range("min_p", self.min_p, 0.0, 1.0)?;
@@ -188,7 +194,7 @@ impl GenerationFields {
                     },
                     stop: stop.clone(),
                     processors,
-                    priority: Priority::Normal,
+                    priority,
                 }
             })
             .collect())
@@ -290,29 +296,36 @@ pub trait ChunkFormat: Send + Sync + 'static {
 /// Server-sent events for `streams` (one per choice, indexed in order): each choice's chunks as they
 /// come, interleaved, then the usage chunk if asked for, then `data: [DONE]`. A failure mid-stream
 /// is sent as an OpenAI error object before `[DONE]`. Dropping the response (the client left)
-/// drops the streams, which cancels their generations.
+/// drops the streams, which cancels their generations. Each generated token is charged to
+/// `caller` as it arrives, so a client that leaves early pays for what it was sent.
 pub fn sse<F: ChunkFormat>(
     streams: Vec<GenerationStream>,
     format: F,
     prompt_tokens: usize,
     include_usage: bool,
+    caller: Caller,
 ) -> Response {
     let format = Arc::new(format);
     let usages = Arc::new(std::sync::Mutex::new(Vec::new()));
     let choices = streams.into_iter().enumerate().map(|(index, stream)| {
         let (format, usages) = (Arc::clone(&format), Arc::clone(&usages));
         let opening = format.opening(index).into_iter().map(Ok);
-        let events = stream::unfold(Some(stream), move |state| {
-            let (format, usages) = (Arc::clone(&format), Arc::clone(&usages));
+        let caller = caller.clone();
+        let events = stream::unfold(Some((stream, 0)), move |state| {
+            let (format, usages, caller) = (Arc::clone(&format), Arc::clone(&usages), caller.clone());
             async move {
-                let mut stream = state?;
+                let (mut stream, mut charged) = state?;
                 loop {
                     match stream.next().await? {
-                        Event::Token { text, .. } if text.is_empty() => continue,
                         Event::Token { text, .. } => {
-                            return Some((vec![Ok(format.text(index, &text))], Some(stream)))
+                            caller.charge(1);
+                            charged += 1;
+                            if !text.is_empty() {
+                                return Some((vec![Ok(format.text(index, &text))], Some((stream, charged))));
+                            }
                         }
                         Event::Finished { reason, text, usage } => {
+                            caller.charge(usage.completion_tokens.saturating_sub(charged));
                             usages.lock().unwrap_or_else(|p| p.into_inner()).push(usage);
                             let mut chunks = Vec::new();
                             if !text.is_empty() {

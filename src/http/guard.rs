@@ -4,18 +4,22 @@
 //!   `Host: evil.example`, so it cannot reach a local Hearth (the attack class of Ollama's
 //!   CVE-2024-28224);
 //! - a per-route limit on requests in flight, refused at once with 429, so that no more than
-//!   `max_concurrent_requests_per_route` bodies (each up to `max_request_body_bytes`) are ever held.
+//!   `max_concurrent_requests_per_route` bodies (each up to `max_request_body_bytes`) are ever held;
+//! - API keys and per-key rate limits ([`authenticate`]): 401 without a configured key, 429 past
+//!   the key's requests or tokens per minute, and the key's [`Caller`] for the handler.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::header::HOST;
+use axum::http::header::{AUTHORIZATION, HOST};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
-use super::error::ApiError;
+use super::error::{insert_quota, ApiError};
+use crate::auth::{Caller, Keyring};
 use crate::config::ServerConfig;
 
 /// Which `Host` values are answered.
@@ -108,9 +112,57 @@ pub async fn limit_route(State(limit): State<RouteLimit>, request: Request, next
                 "{} has {} requests in flight, this server's limit per route; retry later",
                 limit.route, limit.limit
             ),
+            retry_after: std::time::Duration::from_secs(1),
         }
         .into_response(),
     }
+}
+
+/// The key a request presents: `Authorization: Bearer KEY` (OpenAI's SDKs), else `x-api-key: KEY`
+/// (Anthropic's and Cohere's clients).
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, key) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    });
+    bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim))
+}
+
+/// Middleware: without keys configured, every caller is anonymous. With keys, a request must
+/// present one (401 otherwise), within its rate limits (429 with `Retry-After` and OpenAI's
+/// `x-ratelimit-*` headers); the handler gets its [`Caller`], and the response the headers too.
+pub async fn authenticate(State(keys): State<Arc<Keyring>>, mut request: Request, next: Next) -> Response {
+    if !keys.enabled() {
+        request.extensions_mut().insert(Caller::anonymous());
+        return next.run(request).await;
+    }
+    let account = match presented_key(request.headers()) {
+        None => {
+            metrics::counter!("hearth_auth_failures_total", "reason" => "missing").increment(1);
+            return ApiError::MissingApiKey.into_response();
+        }
+        Some(key) => match keys.find(key) {
+            Some(account) => account,
+            None => {
+                metrics::counter!("hearth_auth_failures_total", "reason" => "invalid").increment(1);
+                tracing::warn!("refused a request with an unknown API key");
+                return ApiError::InvalidApiKey.into_response();
+            }
+        },
+    };
+    let quota = match account.admit() {
+        Ok(quota) => quota,
+        Err(limited) => {
+            let labels = [("key", account.name.to_string()), ("limit", limited.kind.as_str().to_string())];
+            metrics::counter!("hearth_rate_limited_total", &labels).increment(1);
+            return ApiError::RateLimited { key: Arc::clone(&account.name), limited }.into_response();
+        }
+    };
+    tracing::Span::current().record("key", &*account.name);
+    request.extensions_mut().insert(Caller::of(account));
+    let mut response = next.run(request).await;
+    insert_quota(response.headers_mut(), &quota);
+    response
 }
 
 #[cfg(test)]

@@ -83,7 +83,8 @@ pub fn router(state: AppState) -> Router {
     let limited = |route: &'static str| {
         middleware::from_fn_with_state(RouteLimit::new(route, per_route), guard::limit_route)
     };
-    let routes = Router::new()
+    // Everything but the probes needs a key when keys are configured (`/metrics` too, if asked).
+    let mut keyed = Router::new()
         .route("/v1/chat/completions", post(chat::create).layer(limited("/v1/chat/completions")))
         .route("/v1/completions", post(completions::create).layer(limited("/v1/completions")))
         .route("/v1/embeddings", post(embeddings::create).layer(limited("/v1/embeddings")))
@@ -91,10 +92,17 @@ pub fn router(state: AppState) -> Router {
         .route("/rerank", post(rerank::create).layer(limited("/rerank")))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
-        .route("/v1/models/{*id}", get(models::retrieve))
-        .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .route("/metrics", get(health::metrics))
+        .route("/v1/models/{*id}", get(models::retrieve));
+    let mut open = Router::new().route("/health", get(health::health)).route("/ready", get(health::ready));
+    if state.keys.metrics_require_key {
+        keyed = keyed.route("/metrics", get(health::metrics));
+    } else {
+        open = open.route("/metrics", get(health::metrics));
+    }
+    let keys = Arc::clone(&state.keys);
+    let routes = keyed
+        .route_layer(middleware::from_fn_with_state(keys, guard::authenticate))
+        .merge(open)
         .route_layer(middleware::from_fn(track))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -117,7 +125,13 @@ pub fn router(state: AppState) -> Router {
                         .get::<RequestId>()
                         .and_then(|id| id.header_value().to_str().ok())
                         .unwrap_or("-");
-                    tracing::info_span!("request", id, method = %request.method(), path = %request.uri().path())
+                    tracing::info_span!(
+                        "request",
+                        id,
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        key = tracing::field::Empty,
+                    )
                 })
                 .on_response(DefaultOnResponse::new().level(Level::INFO))
                 // Statuses are in the response line above; a 503 from /ready while loading is no error.

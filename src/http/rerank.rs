@@ -6,15 +6,17 @@ use std::fmt;
 
 use axum::extract::State;
 use axum::response::Response;
+use axum::Extension;
 use hearth_engine::registry::Served;
 use hearth_engine::rerank::Rerank;
-use hearth_engine::{ModelKind, Priority};
+use hearth_engine::ModelKind;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::json::Json;
 use super::{labelled, ready_model, Usage};
+use crate::auth::Caller;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -48,7 +50,11 @@ struct Document {
     text: String,
 }
 
-pub async fn create(State(state): State<AppState>, Json(request): Json<RerankRequest>) -> Response {
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<RerankRequest>,
+) -> Response {
     let (entry, served) = match ready_model(&state, &request.model, ModelKind::Rerank) {
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
@@ -68,7 +74,8 @@ pub async fn create(State(state): State<AppState>, Json(request): Json<RerankReq
         }
         let documents: Vec<String> = request.documents.into_iter().map(|d| d.0).collect();
         let texts_for_response = request.return_documents.then(|| documents.clone());
-        let scored = reranker.rerank(request.query, documents, Priority::Normal).await?;
+        let scored = reranker.rerank(request.query, documents, caller.priority()).await?;
+        caller.charge(scored.n_tokens);
         let mut ranked: Vec<(usize, f32)> = scored.scores.into_iter().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         ranked.truncate(request.top_n.unwrap_or(ranked.len()));

@@ -49,6 +49,7 @@ async fn fragile(state: &AppState) -> Served {
         model: "tiny-embed".into(),
         batch: BatchLimits { max_batch_tokens: 1000, max_batch_size: 8, max_batch_bytes: None },
         queue_depth: 8,
+        max_queue_wait: None,
     };
     let (worker, ()) = EncoderHandle::start(config, || Ok((Fragile, ()))).await.unwrap();
     let limits = TextLimits {

@@ -3,6 +3,7 @@
 //! SmolLM2-135M-Instruct weights installed by `scripts/fetch-models`.
 
 mod api_errors;
+mod auth;
 mod embeddings;
 mod lifecycle;
 mod operations;

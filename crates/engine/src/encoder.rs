@@ -23,11 +23,12 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::{panic_message, BoxError, EngineError};
+use crate::backlog::Backlog;
+use crate::error::{panic_message, BoxError, EngineError, Overload};
 use crate::owner::{Answer, Lifecycle, Owner};
 use crate::queue::{JobQueue, Priority, Ticket};
 
@@ -105,6 +106,9 @@ pub struct WorkerConfig {
     pub batch: BatchLimits,
     /// Requests that may wait in the queue before new ones are refused with 429.
     pub queue_depth: usize,
+    /// Refuse a request at once (429) when the work ahead would keep it waiting longer than this
+    /// (see [`crate::backlog`]); `None`: only the queue depth bounds waiting.
+    pub max_queue_wait: Option<Duration>,
 }
 
 type Reply<O> = oneshot::Sender<Result<Vec<O>, EngineError>>;
@@ -123,6 +127,8 @@ impl<O: Send + 'static> Answer for Job<O> {
 /// The async side of an encoder worker: submits jobs and awaits their answers.
 pub struct EncoderHandle<O> {
     owner: Owner<Job<O>>,
+    /// Tokens admitted and not answered, and the recent time per token.
+    backlog: Arc<Backlog>,
 }
 
 impl<O: Send + 'static> EncoderHandle<O> {
@@ -135,15 +141,22 @@ impl<O: Send + 'static> EncoderHandle<O> {
         F: FnOnce() -> Result<(M, I), BoxError> + Send + 'static,
     {
         let (model, queue_depth) = (Arc::clone(&config.model), config.queue_depth);
-        let run = move |model: M, queue, life| Worker::new(model, config, queue, life).run();
+        let backlog = Arc::new(Backlog::new(&model, config.max_queue_wait));
+        let worker_backlog = Arc::clone(&backlog);
+        let run = move |model: M, queue, life| Worker::new(model, config, queue, life, worker_backlog).run();
         let (owner, info) = Owner::start(model, queue_depth, load, run).await?;
-        Ok((Self { owner }, info))
+        Ok((Self { owner, backlog }, info))
     }
 
     /// Queues `sequences` and waits for one output per sequence. Refuses at once when the queue is
-    /// full or the model has failed. Dropping the returned future withdraws the job before it reaches
-    /// the model.
+    /// full, when the work ahead would wait longer than `max_queue_wait`, or when the model has
+    /// failed. Dropping the returned future withdraws the job before it reaches the model.
     pub async fn encode(&self, sequences: Vec<Sequence>, priority: Priority) -> Result<Vec<O>, EngineError> {
+        let tokens: usize = sequences.iter().map(Sequence::len).sum();
+        let _admitted = self.backlog.admit(tokens as u64).map_err(|refused| EngineError::Overloaded {
+            model: Arc::clone(self.model()),
+            reason: Overload::ExpectedWait { expected: refused.expected, max: refused.max },
+        })?;
         let (reply, answer) = oneshot::channel();
         self.owner.push(Job { sequences, reply }, priority)?;
         match answer.await {
@@ -160,6 +173,11 @@ impl<O: Send + 'static> EncoderHandle<O> {
 
     pub fn queue_len(&self) -> usize {
         self.owner.queue.len()
+    }
+
+    /// How long a request queued now is expected to wait (see [`crate::backlog`]).
+    pub fn expected_wait(&self) -> Duration {
+        self.backlog.expected_wait()
     }
 
     /// False once the owner thread has died.
@@ -280,6 +298,7 @@ struct Worker<M: EncoderModel> {
     life: Arc<Lifecycle>,
     pending: VecDeque<InFlight<M::Output>>,
     metrics: WorkerMetrics,
+    backlog: Arc<Backlog>,
 }
 
 impl<M: EncoderModel> Worker<M> {
@@ -288,10 +307,11 @@ impl<M: EncoderModel> Worker<M> {
         config: WorkerConfig,
         queue: Arc<JobQueue<Job<M::Output>>>,
         life: Arc<Lifecycle>,
+        backlog: Arc<Backlog>,
     ) -> Self {
         let metrics = WorkerMetrics::new(&config.model);
         let max_batch_bytes = config.batch.max_batch_bytes.unwrap_or_else(|| model.default_memory_budget());
-        Self { model, config, max_batch_bytes, queue, life, pending: VecDeque::new(), metrics }
+        Self { model, config, max_batch_bytes, queue, life, pending: VecDeque::new(), metrics, backlog }
     }
 
     fn run(mut self) {
@@ -387,7 +407,9 @@ impl<M: EncoderModel> Worker<M> {
             Ok(Err(err)) => Err(err.to_string()),
             Err(panic) => Err(format!("the model {}", panic_message(&panic))),
         };
-        self.metrics.batch_seconds.record(now.elapsed().as_secs_f64());
+        let elapsed = now.elapsed();
+        self.metrics.batch_seconds.record(elapsed.as_secs_f64());
+        self.backlog.record(real_tokens as u64, elapsed);
 
         match result {
             Ok(outputs) => {

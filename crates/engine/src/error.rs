@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Errors that model implementations return across the capability traits.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -34,6 +35,20 @@ pub enum Overload {
     QueueFull { queue_depth: usize },
     /// It has `max_concurrent_requests` requests in flight already.
     TooManyConcurrent { max_concurrent_requests: usize },
+    /// The work ahead would keep a new request waiting `expected`, longer than `max_queue_wait`.
+    ExpectedWait { expected: Duration, max: Duration },
+}
+
+impl Overload {
+    /// How long a refused client should wait before retrying.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Self::ExpectedWait { expected, max } => {
+                crate::backlog::TooLong { expected: *expected, max: *max }.retry_after()
+            }
+            Self::QueueFull { .. } | Self::TooManyConcurrent { .. } => Duration::from_secs(1),
+        }
+    }
 }
 
 impl fmt::Display for Overload {
@@ -45,6 +60,13 @@ impl fmt::Display for Overload {
             Self::TooManyConcurrent { max_concurrent_requests } => {
                 write!(f, "it is serving its limit of {max_concurrent_requests} concurrent requests")
             }
+            Self::ExpectedWait { expected, max } => write!(
+                f,
+                "the work queued ahead would keep this request waiting about {:.1} s, more than its \
+                 `max_queue_wait_ms` of {} ms",
+                expected.as_secs_f64(),
+                max.as_millis()
+            ),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! pipeline use the services through [`embed::Embed`] and [`rerank::Rerank`].
 
 pub mod admission;
+pub mod backlog;
 pub mod embed;
 pub mod encoder;
 pub mod error;

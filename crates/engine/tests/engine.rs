@@ -82,7 +82,7 @@ impl EncoderModel for RecordingModel {
 async fn start(limits: BatchLimits, queue_depth: usize, gate_open: bool) -> (EncoderHandle<Out>, Arc<Log>) {
     let log = Arc::new(Log::default());
     *log.gate.lock().unwrap() = gate_open;
-    let config = WorkerConfig { model: "test".into(), batch: limits, queue_depth };
+    let config = WorkerConfig { model: "test".into(), batch: limits, queue_depth, max_queue_wait: None };
     let model_log = Arc::clone(&log);
     let (handle, ()) =
         EncoderHandle::start(config, move || Ok((RecordingModel { log: model_log }, ()))).await.unwrap();
@@ -341,10 +341,79 @@ async fn work_not_started_by_the_shutdown_deadline_is_answered_shutting_down() {
 
 #[tokio::test]
 async fn a_failed_load_is_reported() {
-    let config = WorkerConfig { model: "broken".into(), batch: ROOMY, queue_depth: 1 };
+    let config = WorkerConfig { model: "broken".into(), batch: ROOMY, queue_depth: 1, max_queue_wait: None };
     let result = EncoderHandle::<Out>::start(config, || -> Result<(RecordingModel, ()), BoxError> {
         Err("weights missing".into())
     })
     .await;
     assert_eq!(result.err().map(|e| e.to_string()).as_deref(), Some("weights missing"));
+}
+
+/// Test double for admission by expected wait: takes one millisecond per token it reads.
+struct PacedModel;
+
+impl EncoderModel for PacedModel {
+    type Output = Out;
+
+    fn activation_bytes(&self, n: usize, longest: usize) -> usize {
+        n * longest
+    }
+
+    fn default_memory_budget(&self) -> usize {
+        usize::MAX
+    }
+
+    fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Out>, BoxError> {
+        let tokens: usize = batch.iter().map(|s| s.len()).sum();
+        std::thread::sleep(Duration::from_millis(tokens as u64));
+        Ok(batch.iter().map(|s| Out(s.ids[0] as f32)).collect())
+    }
+}
+
+#[tokio::test]
+async fn work_that_would_wait_longer_than_max_queue_wait_is_refused_at_once() {
+    let max_wait = Duration::from_millis(100);
+    let config = WorkerConfig {
+        model: "paced".into(),
+        batch: limits(64, 4, None),
+        queue_depth: 1_000,
+        max_queue_wait: Some(max_wait),
+    };
+    let (handle, ()) = EncoderHandle::start(config, || Ok((PacedModel, ()))).await.unwrap();
+    let handle = Arc::new(handle);
+    // The first batch measures the service time: 1 ms per token.
+    encode(&handle, vec![seq(1, 10)], Priority::Normal).await;
+
+    // 200 requests of 10 tokens arrive at once: 2 s of work against a 100 ms limit.
+    let tasks: Vec<_> = (0..200u32)
+        .map(|i| {
+            let h = Arc::clone(&handle);
+            tokio::spawn(async move {
+                let asked = Instant::now();
+                let result = h.encode(vec![seq(i + 2, 10)], Priority::Normal).await;
+                (result, asked.elapsed())
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await.unwrap() {
+            (Ok(out), took) => served.push((out, took)),
+            (Err(EngineError::Overloaded { reason, .. }), took) => refused.push((reason, took)),
+            (Err(other), _) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert!(served.len() >= 5 && refused.len() >= 150, "served {}, refused {}", served.len(), refused.len());
+    for (reason, took) in &refused {
+        let Overload::ExpectedWait { expected, max } = *reason else { panic!("{reason:?}") };
+        assert!(expected > max && max == max_wait, "{reason:?}");
+        assert!(reason.retry_after() >= Duration::from_secs(1));
+        assert!(*took < Duration::from_millis(50), "a refusal took {took:?}");
+    }
+    // What was admitted waited about the limit plus its own service, not the whole backlog.
+    let worst = served.iter().map(|(_, took)| *took).max().unwrap();
+    assert!(worst < Duration::from_millis(600), "an admitted request took {worst:?}");
+    // Once the backlog has drained, requests are admitted again.
+    assert_eq!(encode(&handle, vec![seq(7, 10)], Priority::Normal).await, outs(&[7]));
+    assert_eq!(handle.expected_wait(), Duration::ZERO);
 }

@@ -334,3 +334,32 @@ async fn a_full_queue_refuses_and_shutdown_answers_what_is_left() {
     // The running one finished its step and was then answered too.
     assert!(collect(running).await.is_err());
 }
+
+#[tokio::test]
+async fn premium_requests_are_admitted_before_standard_ones_that_wait() {
+    let (handle, log) = start(config(|c| c.max_running_sequences = 1), None).await;
+    log.lock().unwrap().closed = true;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let run = |label: &'static str, priority| {
+        let events = handle.submit(request(vec![1, 2], 3), priority).unwrap();
+        let order = Arc::clone(&order);
+        tokio::spawn(async move {
+            collect(events).await.unwrap();
+            order.lock().unwrap().push(label);
+        })
+    };
+    let running = run("running", Priority::Normal);
+    tokio::time::sleep(Duration::from_millis(30)).await; // admitted, held in its first step
+    let waiting = [
+        run("standard-1", Priority::Normal),
+        run("standard-2", Priority::Normal),
+        run("premium", Priority::High),
+    ];
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    log.lock().unwrap().closed = false;
+    running.await.unwrap();
+    for task in waiting {
+        task.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["running", "premium", "standard-1", "standard-2"]);
+}
