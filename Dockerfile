@@ -1,11 +1,12 @@
 # syntax=docker/dockerfile:1
 # Hearth container image.
-#   CPU:  docker build -t hearth .
+#   CPU:  docker build -t hearth:cpu .
 #   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda \
 #           --build-arg BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
 #           --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
 #           --build-arg CUDA_COMPUTE_CAP=90 .
-# Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models hearth
+# Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
+# Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
 # Models are read from (and downloaded to) /var/lib/hearth/models; the config is
 # /etc/hearth/hearth.toml (mount your own over it).
 
@@ -13,6 +14,7 @@ ARG BUILD_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${BUILD_IMAGE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG FEATURES=""
 ARG CUDA_COMPUTE_CAP=""
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
@@ -39,7 +41,7 @@ ENV HEARTH_HOST=0.0.0.0 \
     HEARTH_PORT=8080 \
     HEARTH_MODELS_DIR=/var/lib/hearth/models \
     HEARTH_CONFIG=/etc/hearth/hearth.toml
-USER hearth
+USER 10001:10001
 EXPOSE 8080
 VOLUME ["/var/lib/hearth/models"]
 STOPSIGNAL SIGTERM

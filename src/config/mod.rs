@@ -775,7 +775,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         // The Kubernetes ConfigMap embeds one too (the indented block after `hearth.toml: |`).
-        let configmap = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+        let configmap = std::fs::read_to_string(root.join("deploy/kubernetes/base/configmap.yaml")).unwrap();
         let embedded: String = configmap
             .split_once("hearth.toml: |\n")
             .unwrap()
