@@ -157,7 +157,9 @@ fn ready_model(state: &AppState) -> Arc<Served> {
         LoadState::Failed(message) => {
             panic!("cannot load {MODEL} ({message}); install it with `scripts/fetch-models {MODEL}`")
         }
-        LoadState::Loading => unreachable!("load_models returns once every model is ready or failed"),
+        LoadState::Loading | LoadState::Unloaded => {
+            unreachable!("load_models returns once every preloaded model is ready or failed")
+        }
     }
 }
 

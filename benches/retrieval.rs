@@ -76,7 +76,9 @@ async fn bench() {
         LoadState::Failed(message) => {
             panic!("cannot load {MODEL} ({message}); install it with `scripts/fetch-models {MODEL}`")
         }
-        LoadState::Loading => unreachable!("load_models returns once every model is ready or failed"),
+        LoadState::Loading | LoadState::Unloaded => {
+            unreachable!("load_models returns once every preloaded model is ready or failed")
+        }
     };
     let Served::Embedding(embedder) = &*served else { unreachable!("{MODEL} is an embedding model") };
 

@@ -130,6 +130,8 @@ pub struct Limited {
 pub struct Account {
     pub name: Arc<str>,
     pub class: KeyClass,
+    /// May load, unload and reload models.
+    pub admin: bool,
     digest: KeyDigest,
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
@@ -204,6 +206,7 @@ impl Keyring {
                 Arc::new(Account {
                     name: Arc::clone(&key.name),
                     class: key.class,
+                    admin: key.admin,
                     digest: key.digest,
                     requests: key.limits.requests_per_minute.map(Bucket::per_minute),
                     tokens: key.limits.tokens_per_minute.map(Bucket::per_minute),
@@ -261,6 +264,11 @@ impl Caller {
     pub fn name(&self) -> Option<&str> {
         self.0.as_ref().map(|a| &*a.name)
     }
+
+    /// Whether the caller came with an admin key.
+    pub fn is_admin(&self) -> bool {
+        self.0.as_ref().is_some_and(|a| a.admin)
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +282,7 @@ mod tests {
             class,
             digest: KeyDigest::of(key),
             limits,
+            admin: false,
         };
         Keyring::new(&AuthConfig {
             keys: vec![

@@ -6,6 +6,7 @@ pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod loader;
 pub mod server;
 pub mod state;

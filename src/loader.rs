@@ -28,7 +28,6 @@ use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 use crate::config::{
     EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig,
 };
-use crate::state::AppState;
 use crate::store::{downloads_allowed, Store};
 
 /// How a backend loads an encoder on its owner thread (`CandleEmbedder::load`, …).
@@ -41,12 +40,8 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(state: &AppState) -> Self {
-        Self {
-            store: Store::new(state.config.models_dir.clone()),
-            pool: Arc::clone(&state.pool),
-            registry: Arc::clone(&state.registry),
-        }
+    pub fn new(models_dir: PathBuf, pool: Arc<BlockingPool>, registry: Arc<Registry>) -> Self {
+        Self { store: Store::new(models_dir), pool, registry }
     }
 
     pub async fn load(&self, config: &ModelConfig) -> anyhow::Result<Served> {

@@ -11,39 +11,15 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::loader::Loader;
 use crate::state::AppState;
 use crate::{http, telemetry};
 
-/// Loads the configured models one after another (bounding peak memory and I/O), marking each ready
-/// or failed; entries that use another entry's model come last. A failed model does not stop the
-/// others; `/ready` reports it. Every loaded model is then supervised (see [`supervise`]).
+/// Loads the models configured with `preload` one after another (bounding peak memory and I/O),
+/// marking each ready or failed; entries that use another entry's model come last, and the others
+/// start unloaded (loaded by their first request). A failed model does not stop the others;
+/// `/ready` reports it. Every loaded model is then supervised (see [`supervise`]).
 pub async fn load_models(state: AppState) {
-    let loader = Arc::new(Loader::new(&state));
-    let mut order: Vec<_> = state.config.models.iter().collect();
-    order.sort_by_key(|model| model.shares().is_some());
-    for model in order {
-        let Some(entry) = state.registry.get(&model.id).cloned() else { continue };
-        let started = std::time::Instant::now();
-        match loader.load(model).await {
-            Ok(served) => {
-                let served = Arc::new(served);
-                entry.set_ready(Arc::clone(&served));
-                tracing::info!(model = %model.id, seconds = started.elapsed().as_secs_f32(), "model ready");
-                let (loader, config) = (Arc::clone(&loader), model.clone());
-                let reload = move || -> BoxFuture<'static, anyhow::Result<Served>> {
-                    let (loader, config) = (Arc::clone(&loader), config.clone());
-                    Box::pin(async move { loader.load(&config).await })
-                };
-                tokio::spawn(supervise(entry, served, reload, Backoff::default()));
-            }
-            Err(err) => {
-                let message = format!("{err:#}");
-                tracing::error!(model = %model.id, error = %message, "model failed to load");
-                entry.set_failed(message);
-            }
-        }
-    }
+    state.lifecycle.load_at_startup().await;
 }
 
 /// How long a supervisor waits before reloading a model: `first`, doubling after each failed
@@ -115,6 +91,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let loading = tokio::spawn(load_models(state.clone()));
+    let reaper = tokio::spawn(Arc::clone(&state.lifecycle).reap_idle());
     let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
     let serving = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
         let _ = stop.await;
@@ -128,6 +105,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     tracing::info!(timeout_secs = timeout.as_secs(), "shutting down: finishing queued work");
     loading.abort();
+    reaper.abort();
     let _ = stop_accepting.send(());
     // Models refuse new work at once and answer what is still queued at the deadline with 503, so
     // every open request ends by then.

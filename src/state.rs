@@ -12,6 +12,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::Keyring;
 use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::loader::Loader;
 use crate::telemetry;
 
 #[derive(Clone)]
@@ -23,6 +25,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// API keys and their rate-limit buckets.
     pub keys: Arc<Keyring>,
+    /// Loads and unloads models (startup, on demand, idle, admin).
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 impl AppState {
@@ -39,12 +43,9 @@ impl AppState {
         )
         .context("cannot start the preprocessing threads")?;
         let keys = Arc::new(Keyring::new(&config.auth));
-        Ok(Self {
-            config: Arc::new(config),
-            registry: Arc::new(registry),
-            pool: Arc::new(pool),
-            metrics,
-            keys,
-        })
+        let (registry, pool) = (Arc::new(registry), Arc::new(pool));
+        let loader = Loader::new(config.models_dir.clone(), Arc::clone(&pool), Arc::clone(&registry));
+        let lifecycle = Arc::new(Lifecycle::new(&config, loader, Arc::clone(&registry)));
+        Ok(Self { config: Arc::new(config), registry, pool, metrics, keys, lifecycle })
     }
 }

@@ -93,6 +93,8 @@ pub struct ApiKey {
     pub class: KeyClass,
     pub digest: KeyDigest,
     pub limits: RateLimits,
+    /// May load, unload and reload models (`/admin/…`).
+    pub admin: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -142,6 +144,7 @@ struct RawKey {
     class: Option<KeyClass>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
+    admin: Option<bool>,
 }
 
 impl<'de> Deserialize<'de> for Secret {
@@ -188,6 +191,7 @@ pub(super) fn validate(
                 tokens_per_minute: at_least_one(&field("tokens_per_minute"), key.tokens_per_minute)?
                     .or(defaults.tokens_per_minute),
             },
+            admin: key.admin.unwrap_or(false),
         });
     }
     let keys_file = match (&overrides.keys_file, raw.keys_file) {
@@ -211,7 +215,13 @@ pub(super) fn validate(
     }
     if let Some(secret) = &overrides.api_key {
         let digest = plain_key(&secret.0).map_err(|m| invalid("HEARTH_API_KEY", m))?;
-        keys.push(ApiKey { name: "env".into(), class: KeyClass::Standard, digest, limits: defaults });
+        keys.push(ApiKey {
+            name: "env".into(),
+            class: KeyClass::Standard,
+            digest,
+            limits: defaults,
+            admin: false,
+        });
     }
     let mut names = HashSet::new();
     let mut digests = HashSet::new();
@@ -287,6 +297,7 @@ fn parse_keys_file(text: &str, defaults: RateLimits) -> Result<Vec<ApiKey>, (usi
         let mut name = None;
         let mut class = KeyClass::Standard;
         let mut limits = defaults;
+        let mut admin = false;
         for field in fields {
             match field.split_once('=') {
                 None if name.is_none() => name = Some(valid_name(field).map_err(|m| (number, m))?),
@@ -295,6 +306,15 @@ fn parse_keys_file(text: &str, defaults: RateLimits) -> Result<Vec<ApiKey>, (usi
                     class = KeyClass::parse(value).ok_or_else(|| {
                         (number, format!("unknown class `{value}`; use `premium` or `standard`"))
                     })?;
+                }
+                Some(("admin", value)) => {
+                    admin = match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err((number, format!("`admin` must be `true` or `false`, got `{value}`")))
+                        }
+                    };
                 }
                 Some((option @ ("rpm" | "tpm"), value)) => {
                     let n = value.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
@@ -307,12 +327,15 @@ fn parse_keys_file(text: &str, defaults: RateLimits) -> Result<Vec<ApiKey>, (usi
                     }
                 }
                 Some((option, _)) => {
-                    return Err((number, format!("unknown option `{option}`; use `class`, `rpm` or `tpm`")))
+                    return Err((
+                        number,
+                        format!("unknown option `{option}`; use `class`, `rpm`, `tpm` or `admin`"),
+                    ))
                 }
             }
         }
         let name = name.unwrap_or_else(|| format!("line-{number}").into());
-        keys.push(ApiKey { name, class, digest, limits });
+        keys.push(ApiKey { name, class, digest, limits, admin });
     }
     Ok(keys)
 }
@@ -328,7 +351,7 @@ mod tests {
     fn keys_file_lines() {
         let digest_b: String = KeyDigest::of(KEY_B).0.iter().map(|b| format!("{b:02x}")).collect();
         let text = format!(
-            "# comment\n\n{KEY_A}  webui class=premium rpm=60 tpm=1000 # trailing\nsha256:{digest_b}\n"
+            "# comment\n\n{KEY_A}  webui class=premium rpm=60 tpm=1000 admin=true # trailing\nsha256:{digest_b}\n"
         );
         let defaults = RateLimits { requests_per_minute: Some(5), tokens_per_minute: None };
         let keys = parse_keys_file(&text, defaults).unwrap();
@@ -340,8 +363,10 @@ mod tests {
                 class: KeyClass::Premium,
                 digest: KeyDigest::of(KEY_A),
                 limits: RateLimits { requests_per_minute: Some(60), tokens_per_minute: Some(1000) },
+                admin: true,
             }
         );
+        assert!(!keys[1].admin);
         assert_eq!(&*keys[1].name, "line-4");
         assert_eq!(keys[1].digest, KeyDigest::of(KEY_B));
         assert_eq!((keys[1].class, keys[1].limits), (KeyClass::Standard, defaults));
@@ -376,6 +401,7 @@ mod tests {
             class: KeyClass::Standard,
             digest: KeyDigest::of(KEY_A),
             limits: RateLimits::default(),
+            admin: false,
         };
         let shown = format!("{key:?} {:?}", Secret(KEY_A.into()));
         let hex_a: String = KeyDigest::of(KEY_A).0.iter().map(|b| format!("{b:02x}")).collect();

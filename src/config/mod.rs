@@ -22,8 +22,8 @@ use toml::Spanned;
 
 pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
-    parse_source, EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource, RerankConfig,
-    ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
+    parse_source, EncoderConfig, KeepAlive, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource,
+    RerankConfig, ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.
@@ -80,6 +80,8 @@ struct RawServer {
     max_inputs_per_request: Option<usize>,
     max_tokens_per_request: Option<usize>,
     max_queue_wait_ms: Option<u64>,
+    keep_alive: Option<model::RawKeepAlive>,
+    model_load_timeout_secs: Option<u64>,
     preprocess_threads: Option<usize>,
     preprocess_queue_depth: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
@@ -122,6 +124,8 @@ pub struct ServerConfig {
     pub cors_allowed_origins: Vec<String>,
     /// How long queued work may run after SIGTERM before it is answered 503.
     pub shutdown_timeout: Duration,
+    /// How long a request waits for its model to load on demand before a 503.
+    pub model_load_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -159,6 +163,7 @@ pub const DEFAULT_MAX_INPUTS_PER_REQUEST: usize = 2048;
 pub const DEFAULT_MAX_TOKENS_PER_REQUEST: usize = 300_000;
 pub const DEFAULT_PREPROCESS_QUEUE_DEPTH: usize = 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_MODEL_LOAD_TIMEOUT_SECS: u64 = 300;
 /// An encoder refuses (429) a request that the work ahead would keep waiting longer than this.
 pub const DEFAULT_MAX_QUEUE_WAIT_MS: u64 = 2_000;
 
@@ -311,6 +316,10 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         },
+        keep_alive: match &server.keep_alive {
+            None => KeepAlive::Forever,
+            Some(raw) => raw.parse().map_err(|m| invalid("server.keep_alive", m))?,
+        },
     };
     let available = std::thread::available_parallelism().map_or(2, |n| n.get());
     let server_config = ServerConfig {
@@ -336,6 +345,9 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
         cors_allowed_origins: validate_origins(server.cors_allowed_origins.clone().unwrap_or_default())?,
         shutdown_timeout: Duration::from_secs(
             server.shutdown_timeout_secs.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+        ),
+        model_load_timeout: Duration::from_secs(
+            server.model_load_timeout_secs.unwrap_or(DEFAULT_MODEL_LOAD_TIMEOUT_SECS),
         ),
     };
     let logging = LoggingConfig {

@@ -19,8 +19,19 @@ use super::{check_keys, invalid, positive, read, ConfigError, Origin};
 use crate::catalogue::{self, Preset};
 
 /// Keys every model entry takes, whatever its kind.
-const COMMON_KEYS: &[&str] =
-    &["id", "kind", "preset", "source", "files", "device", "dtype", "max_concurrent_requests", "queue_depth"];
+const COMMON_KEYS: &[&str] = &[
+    "id",
+    "kind",
+    "preset",
+    "source",
+    "files",
+    "device",
+    "dtype",
+    "max_concurrent_requests",
+    "queue_depth",
+    "keep_alive",
+    "preload",
+];
 
 /// Keys only a config entry may set (a preset's `[defaults]` may not).
 pub(crate) const IDENTITY_KEYS: &[&str] = &["id", "kind", "preset", "source", "files"];
@@ -79,6 +90,60 @@ pub(super) struct Defaults {
     pub max_tokens_per_request: usize,
     /// `None`: refuse by queue depth only.
     pub max_queue_wait: Option<Duration>,
+    pub keep_alive: KeepAlive,
+}
+
+/// How long a loaded model stays in memory without requests (Ollama's `keep_alive`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Never unloaded for being idle (`-1`).
+    #[default]
+    Forever,
+    /// Unloaded once idle this long (`0`: as soon as its last request is answered).
+    Idle(Duration),
+}
+
+/// `keep_alive` as written: seconds (`-1`: forever), or a duration such as `"30s"`, `"5m"`, `"1h"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawKeepAlive {
+    Seconds(i64),
+    Text(String),
+}
+
+impl RawKeepAlive {
+    pub(super) fn parse(&self) -> Result<KeepAlive, String> {
+        let bad = || {
+            "must be seconds (`-1`: never unload, `0`: unload when idle) or a duration like `\"30s\"`, \
+             `\"5m\"`, `\"1h\"`"
+                .to_string()
+        };
+        let seconds = match self {
+            Self::Seconds(s) => *s,
+            Self::Text(text) => {
+                let text = text.trim();
+                if text == "-1" {
+                    -1
+                } else {
+                    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+                    let (number, unit) = text.split_at(split);
+                    let n: i64 = number.parse().map_err(|_| bad())?;
+                    let scale = match unit {
+                        "" | "s" => 1,
+                        "m" => 60,
+                        "h" => 3_600,
+                        _ => return Err(bad()),
+                    };
+                    n.checked_mul(scale).ok_or_else(bad)?
+                }
+            }
+        };
+        match seconds {
+            -1 => Ok(KeepAlive::Forever),
+            s if s >= 0 => Ok(KeepAlive::Idle(Duration::from_secs(s as u64))),
+            _ => Err(bad()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +160,8 @@ struct RawCommon {
     dtype: Option<DType>,
     max_concurrent_requests: Option<usize>,
     queue_depth: Option<usize>,
+    keep_alive: Option<RawKeepAlive>,
+    preload: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +338,10 @@ pub struct ModelConfig {
     pub preset: Option<String>,
     /// Requests admitted at once (tokenizing, queued or running); more get 429.
     pub max_concurrent_requests: usize,
+    /// Unload after this long without requests (an entry sharing another's model follows that one).
+    pub keep_alive: KeepAlive,
+    /// Load at startup; otherwise on its first request.
+    pub preload: bool,
     pub options: KindConfig,
 }
 
@@ -398,6 +469,11 @@ pub(super) fn parse_entry(
         common.max_concurrent_requests,
         defaults.max_concurrent_requests,
     )?;
+    let keep_alive = match &common.keep_alive {
+        None => defaults.keep_alive,
+        Some(raw) => raw.parse().map_err(|m| invalid(field("keep_alive"), m))?,
+    };
+    let preload = common.preload.unwrap_or(true);
     let entry = Entry { prefix: &prefix, models_dir, defaults, preset, common };
     let options = match kind {
         ModelKind::Llm => KindConfig::Llm(parse_llm(&entry, read(table, origin, &prefix)?)?),
@@ -412,6 +488,8 @@ pub(super) fn parse_entry(
         kind,
         preset: if options.shares_weights() { None } else { preset.map(|p| p.name.clone()) },
         max_concurrent_requests,
+        keep_alive,
+        preload,
         options,
     })
 }
@@ -498,6 +576,8 @@ fn parse_encoder(
             ("device", common.device.is_some()),
             ("dtype", common.dtype.is_some()),
             ("queue_depth", common.queue_depth.is_some()),
+            ("keep_alive", common.keep_alive.is_some()),
+            ("preload", common.preload.is_some()),
             ("architecture", encoder.architecture.is_some()),
             ("pooling", encoder.pooling.is_some()),
             ("normalize", encoder.normalize.is_some()),

@@ -181,7 +181,7 @@ pub async fn create(
 }
 
 async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Result<Response, ApiError> {
-    let (entry, served) = ready_model(state, &request.model, ModelKind::Llm)?;
+    let (entry, served) = ready_model(state, &request.model, ModelKind::Llm).await?;
     let Served::Llm(generator) = &*served else {
         return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
     };

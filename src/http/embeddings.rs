@@ -67,7 +67,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     Json(request): Json<EmbeddingsRequest>,
 ) -> Response {
-    let (entry, served) = match ready_model(&state, &request.model, ModelKind::Embedding) {
+    let (entry, served) = match ready_model(&state, &request.model, ModelKind::Embedding).await {
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };

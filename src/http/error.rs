@@ -70,6 +70,10 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// An admin endpoint without an admin key, or on an open server off loopback (403).
+    AdminOnly {
+        keys: bool,
+    },
     /// No API key in `Authorization: Bearer` or `x-api-key` (401).
     MissingApiKey,
     /// A key that is not configured (401). The message never repeats it.
@@ -112,7 +116,7 @@ impl ApiError {
             | Self::ContextLengthExceeded { .. }
             | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::HostNotAllowed { .. } | Self::AdminOnly { .. } => StatusCode::FORBIDDEN,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
@@ -150,6 +154,7 @@ impl ApiError {
             Self::ModelNotReady { failed: true, .. } => Some("model_failed"),
             Self::Overloaded { .. } => Some("model_overloaded"),
             Self::MissingApiKey => None,
+            Self::AdminOnly { .. } => Some("admin_key_required"),
             Self::InvalidApiKey => Some("invalid_api_key"),
             Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::ShuttingDown => Some("shutting_down"),
@@ -204,6 +209,14 @@ impl ApiError {
                                     Bearer auth (`Authorization: Bearer YOUR_KEY`) or in `x-api-key`"
                 .into(),
             Self::InvalidApiKey => "Incorrect API key provided".into(),
+            Self::AdminOnly { keys: true } => {
+                "Loading and unloading models needs an API key with `admin = true`".into()
+            }
+            Self::AdminOnly { keys: false } => {
+                "Loading and unloading models needs an admin API key when the \
+                                                server listens beyond loopback; configure `[auth]` keys"
+                    .into()
+            }
             Self::RateLimited { key, limited } => {
                 let per_minute = match limited.kind {
                     LimitKind::Requests => "requests per min (RPM)",

@@ -1,4 +1,6 @@
-//! Liveness (`/health`), readiness (`/ready`: every configured model loaded) and Prometheus
+//! Liveness (`/health`), readiness (`/ready`: every model loaded at startup is ready, none failed;
+//! a model that waits unloaded for its first request, or that is loading for one, counts as
+//! serving) and Prometheus
 //! metrics (`/metrics`). These answer without authentication, so `/ready` says only each model's
 //! state: why a model failed (file paths, internal errors) goes to the log.
 
@@ -29,7 +31,11 @@ struct ModelReadiness {
 
 pub async fn ready(State(state): State<AppState>) -> Response {
     let states: Vec<_> = state.registry.entries().iter().map(|entry| (entry, entry.state())).collect();
-    let all_ready = states.iter().all(|(_, load)| matches!(load, LoadState::Ready(_)));
+    let all_ready = states.iter().all(|(entry, load)| match load {
+        LoadState::Ready(_) | LoadState::Unloaded => true,
+        LoadState::Loading => entry.loading_on_demand(),
+        LoadState::Failed(_) => false,
+    });
     let models = states
         .iter()
         .map(|(entry, load)| ModelReadiness {

@@ -2,6 +2,7 @@
 //! tracing, per-route metrics, the `Host` check, CORS, per-route admission, a body limit and
 //! OpenAI-shaped errors for everything.
 
+pub mod admin;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
@@ -22,7 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hearth_engine::registry::{LoadState, ModelEntry, Served};
+use hearth_engine::registry::{ModelEntry, Served};
 use hearth_engine::ModelKind;
 use serde::Serialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -33,6 +34,7 @@ use tracing::Level;
 use self::error::ApiError;
 use self::guard::{HostPolicy, RouteLimit};
 use self::json::BodyLimit;
+use crate::lifecycle::Unavailable;
 use crate::state::AppState;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -48,8 +50,9 @@ pub struct Usage {
 #[derive(Clone)]
 struct ModelLabel(Arc<str>);
 
-/// Finds `id`, checks it serves `expected`, and returns it if loaded.
-pub fn ready_model(
+/// Finds `id`, checks it serves `expected`, and returns it loaded: at once if it is, after loading
+/// it if it was unloaded (see [`crate::lifecycle`]).
+pub async fn ready_model(
     state: &AppState,
     id: &str,
     expected: ModelKind,
@@ -58,10 +61,14 @@ pub fn ready_model(
     if entry.kind != expected {
         return Err(ApiError::WrongModelKind { model: Arc::clone(&entry.id), kind: entry.kind, expected });
     }
-    match entry.state() {
-        LoadState::Ready(served) => Ok((Arc::clone(entry), served)),
-        LoadState::Loading => Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: false }),
-        LoadState::Failed(_) => Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: true }),
+    match state.lifecycle.acquire(entry).await {
+        Ok(served) => Ok((Arc::clone(entry), served)),
+        Err(Unavailable::StillLoading) => {
+            Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: false })
+        }
+        Err(Unavailable::Failed) => {
+            Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: true })
+        }
     }
 }
 
@@ -92,7 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/rerank", post(rerank::create).layer(limited("/rerank")))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
-        .route("/v1/models/{*id}", get(models::retrieve));
+        .route("/v1/models/{*id}", get(models::retrieve))
+        .route("/admin/models/{*action}", post(admin::act));
     let mut open = Router::new().route("/health", get(health::health)).route("/ready", get(health::ready));
     if state.keys.metrics_require_key {
         keyed = keyed.route("/metrics", get(health::metrics));

@@ -55,7 +55,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     Json(request): Json<RerankRequest>,
 ) -> Response {
-    let (entry, served) = match ready_model(&state, &request.model, ModelKind::Rerank) {
+    let (entry, served) = match ready_model(&state, &request.model, ModelKind::Rerank).await {
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };

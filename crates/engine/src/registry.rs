@@ -1,10 +1,12 @@
-//! The registry of configured models: each entry's id, kind and load state. Entries exist from
-//! startup; loading fills them in, so the server can answer (and report readiness) while models load,
-//! and a supervisor can replace a model whose owner thread died.
+//! The registry of configured models: each entry's id, kind, load state and when it was last used.
+//! Entries exist from startup; loading fills them in, so the server can answer (and report
+//! readiness) while models load, a supervisor can replace a model whose owner thread died, and an
+//! idle model can be unloaded and loaded again on its next request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -90,6 +92,8 @@ impl Served {
 
 #[derive(Clone)]
 pub enum LoadState {
+    /// Configured, not in memory: loaded by its next request (or an admin `load`).
+    Unloaded,
     Loading,
     Ready(Arc<Served>),
     /// Why, for the logs (never shown to clients).
@@ -99,6 +103,7 @@ pub enum LoadState {
 impl LoadState {
     pub fn as_str(&self) -> &'static str {
         match self {
+            Self::Unloaded => "unloaded",
             Self::Loading => "loading",
             Self::Ready(_) => "ready",
             Self::Failed(_) => "failed",
@@ -112,6 +117,11 @@ pub struct ModelEntry {
     /// Unix seconds when the entry was registered (OpenAI's `created`).
     pub created: u64,
     state: watch::Sender<LoadState>,
+    /// Milliseconds after `epoch` of the last request (or of the last time it was seen busy).
+    last_used: AtomicU64,
+    epoch: Instant,
+    /// The load in progress was asked for by a request: requests wait for it instead of a 503.
+    on_demand: AtomicBool,
 }
 
 impl ModelEntry {
@@ -126,7 +136,35 @@ impl ModelEntry {
     }
 
     pub fn set_loading(&self) {
+        self.on_demand.store(false, Ordering::Relaxed);
         self.state.send_replace(LoadState::Loading);
+    }
+
+    /// Loading because a request (or an admin) asked for it; requests wait for it.
+    pub fn set_loading_on_demand(&self) {
+        self.on_demand.store(true, Ordering::Relaxed);
+        self.state.send_replace(LoadState::Loading);
+    }
+
+    /// Whether the load in progress was asked for by a request.
+    pub fn loading_on_demand(&self) -> bool {
+        self.on_demand.load(Ordering::Relaxed) && matches!(*self.state.borrow(), LoadState::Loading)
+    }
+
+    pub fn set_unloaded(&self) {
+        self.state.send_replace(LoadState::Unloaded);
+    }
+
+    /// Marks the model used now.
+    pub fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_used.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since the model was last used.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_used.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
     }
 
     pub fn set_ready(&self, served: Arc<Served>) {
@@ -174,6 +212,9 @@ impl Registry {
                 kind,
                 created,
                 state: watch::Sender::new(LoadState::Loading),
+                last_used: AtomicU64::new(0),
+                epoch: Instant::now(),
+                on_demand: AtomicBool::new(false),
             }));
         }
         registry
@@ -185,10 +226,6 @@ impl Registry {
 
     pub fn entries(&self) -> &[Arc<ModelEntry>] {
         &self.entries
-    }
-
-    pub fn all_ready(&self) -> bool {
-        self.entries.iter().all(|e| matches!(e.state(), LoadState::Ready(_)))
     }
 
     /// Stops every loaded model taking new work at once, lets each finish its queued work until

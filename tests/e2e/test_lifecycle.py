@@ -1,0 +1,86 @@
+"""Model lifecycle through the real binary: MiniLM configured to load on its first request and to
+unload one second after its last (`preload = false`, `keep_alive = 0`), and the admin endpoints
+(an admin key and a plain one)."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from conftest import EMBED_MODEL, assert_error_shape, base_env, httpx, launch, models_dir
+
+ADMIN_KEY = "hk-e2e-admin-6e5d4c3b2a190817"
+USER_KEY = "hk-e2e-user-1a2b3c4d5e6f7a8b"
+
+
+@pytest.fixture(scope="module")
+def lazy(tmp_path_factory, log_dir):
+    root = tmp_path_factory.mktemp("lifecycle")
+    config = root / "hearth.toml"
+    config.write_text(
+        f"""
+[[auth.keys]]
+name = "ops"
+key = "{ADMIN_KEY}"
+admin = true
+
+[[auth.keys]]
+name = "app"
+key = "{USER_KEY}"
+
+[[models]]
+id = "{EMBED_MODEL}"
+kind = "embedding"
+source = "{EMBED_MODEL}"
+preload = false
+keep_alive = 0
+"""
+    )
+    server = launch(
+        "lifecycle",
+        lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
+        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+        log_dir,
+    )
+    yield server
+    server.stop_gracefully()
+
+
+def state(server, key=USER_KEY) -> str:
+    response = httpx.get(f"{server.base_url}/v1/models/{EMBED_MODEL}", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    return response.json()["state"]
+
+
+def wait_for(server, wanted: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while state(server) != wanted:
+        assert time.monotonic() < deadline, f"the model never became {wanted}"
+        time.sleep(0.1)
+
+
+def test_loaded_on_first_use_then_unloaded_when_idle(lazy):
+    assert state(lazy) == "unloaded"
+    assert httpx.get(f"{lazy.base_url}/ready").status_code == 200
+    with openai.OpenAI(base_url=f"{lazy.base_url}/v1", api_key=USER_KEY, max_retries=0, timeout=120) as client:
+        result = client.embeddings.create(model=EMBED_MODEL, input=["loaded for this request"])
+        assert len(result.data[0].embedding) == 384
+        wait_for(lazy, "unloaded")
+        again = client.embeddings.create(model=EMBED_MODEL, input=["and again"])
+        assert len(again.data[0].embedding) == 384
+    metrics = httpx.get(f"{lazy.base_url}/metrics").text
+    assert f'hearth_model_loads_total{{model="{EMBED_MODEL}",trigger="request"}} 2' in metrics, metrics
+    assert f'hearth_model_unloads_total{{model="{EMBED_MODEL}",trigger="idle"}}' in metrics
+
+
+def test_admin_endpoints_need_an_admin_key(lazy):
+    url = f"{lazy.base_url}/admin/models/{EMBED_MODEL}"
+    refused = httpx.post(f"{url}/load", headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert_error_shape(refused, 403, param=None, code="admin_key_required")
+    loaded = httpx.post(f"{url}/load", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["state"] == "ready" and loaded.json()["dimensions"] == 384
+    unloaded = httpx.post(f"{url}/unload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
+    assert unloaded.json()["state"] == "unloaded", unloaded.text
