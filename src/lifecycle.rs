@@ -10,6 +10,10 @@
 //!   thread dies); unloading stops the watch first.
 //! - The idle reaper runs every [`REAP_EVERY`]: a model with requests in flight counts as used now;
 //!   one idle for its `keep_alive` (and whose dependents are idle) is unloaded.
+//! - A memory budget across models (`models_memory_mib`): before a load, the least recently used
+//!   models without requests in flight are unloaded until the new one's estimate fits. If the
+//!   models in use leave no room, the load is refused (429) rather than overcommitting; a single
+//!   model larger than the whole budget still loads when it is the only one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +37,7 @@ pub enum Trigger {
     Request,
     Admin,
     Idle,
+    Budget,
 }
 
 impl Trigger {
@@ -42,6 +47,7 @@ impl Trigger {
             Self::Request => "request",
             Self::Admin => "admin",
             Self::Idle => "idle",
+            Self::Budget => "budget",
         }
     }
 }
@@ -52,6 +58,10 @@ pub enum Unavailable {
     /// Still loading after `load_timeout`.
     StillLoading,
     Failed,
+    /// The memory budget is held by models with requests in flight.
+    NoRoom {
+        budget: u64,
+    },
 }
 
 pub struct Lifecycle {
@@ -64,6 +74,11 @@ pub struct Lifecycle {
     decide: Mutex<()>,
     load_timeout: Duration,
     drain: Duration,
+    /// Bytes all loaded models may take (estimated); `None`: unlimited.
+    budget: Option<u64>,
+    /// The estimate of every loaded (or loading) model.
+    footprints: Mutex<HashMap<Arc<str>, u64>>,
+    used: metrics::Gauge,
 }
 
 impl Lifecycle {
@@ -77,6 +92,9 @@ impl Lifecycle {
             decide: Mutex::new(()),
             load_timeout: config.server.model_load_timeout,
             drain: config.server.shutdown_timeout,
+            budget: config.server.models_memory_budget,
+            footprints: Mutex::new(HashMap::new()),
+            used: metrics::gauge!("hearth_models_memory_bytes"),
         }
     }
 
@@ -106,7 +124,12 @@ impl Lifecycle {
         order.sort_by_key(|m| (m.shares().is_some(), self.position(&m.id)));
         for model in order {
             let Some(entry) = self.registry.get(&model.id).cloned() else { continue };
-            if !self.owner(model).preload {
+            // An entry sharing a model that is not loaded (not preloaded, or pushed out by the memory
+            // budget) waits for its first request.
+            let base_missing = model.shares().is_some_and(|base| {
+                !self.registry.get(base).is_some_and(|b| matches!(b.state(), LoadState::Ready(_)))
+            });
+            if !self.owner(model).preload || base_missing {
                 entry.set_unloaded();
                 continue;
             }
@@ -123,7 +146,22 @@ impl Lifecycle {
     async fn run_load(self: &Arc<Self>, entry: Arc<ModelEntry>, trigger: Trigger) {
         let Some(config) = self.config(&entry.id).cloned() else { return };
         let started = Instant::now();
-        match self.loader.load(&config).await {
+        if let Some(budget) = self.budget {
+            let need = self.loader.footprint(&config).await;
+            if !self.make_room(&entry, need, budget).await {
+                tracing::warn!(model = %entry.id, need_mib = need >> 20, budget_mib = budget >> 20, "no room in the models' memory budget: the loaded models are in use");
+                entry.set_unloaded();
+                return;
+            }
+        }
+        let loaded = self.loader.load(&config).await;
+        if let (Ok(_), Some(_)) = (&loaded, self.budget) {
+            // Hub weights are only on disk now: measure them.
+            let measured = self.loader.footprint(&config).await;
+            self.lock_footprints().insert(Arc::clone(&entry.id), measured);
+        }
+        self.report_memory();
+        match loaded {
             Ok(served) => {
                 let served = Arc::new(served);
                 entry.touch();
@@ -144,9 +182,61 @@ impl Lifecycle {
                 }
             }
             Err(err) => {
+                self.lock_footprints().remove(&entry.id);
                 let message = format!("{err:#}");
                 tracing::error!(model = %entry.id, error = %message, "model failed to load");
                 entry.set_failed(message);
+            }
+        }
+    }
+
+    /// The estimate of what the loaded models take, when there is a budget to hold it against.
+    fn report_memory(&self) {
+        if self.budget.is_some() {
+            self.used.set(self.lock_footprints().values().sum::<u64>() as f64);
+        }
+    }
+
+    fn lock_footprints(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u64>> {
+        self.footprints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Unloads least recently used models without requests in flight until `need` more bytes
+    /// fit, then reserves them for `entry`. False if the models in use leave no room.
+    async fn make_room(self: &Arc<Self>, entry: &Arc<ModelEntry>, need: u64, budget: u64) -> bool {
+        loop {
+            let victim = {
+                let _decide = self.lock_decide();
+                let mut footprints = self.lock_footprints();
+                let others: Vec<(Arc<str>, u64)> = footprints
+                    .iter()
+                    .filter(|(id, _)| **id != entry.id)
+                    .map(|(id, &b)| (Arc::clone(id), b))
+                    .collect();
+                let used: u64 = others.iter().map(|(_, b)| b).sum();
+                if used + need <= budget || others.is_empty() {
+                    footprints.insert(Arc::clone(&entry.id), need);
+                    return true;
+                }
+                others
+                    .iter()
+                    .filter_map(|(id, _)| self.registry.get(id).cloned())
+                    .filter(|e| matches!(e.state(), LoadState::Ready(_)))
+                    .filter(|e| {
+                        std::iter::once(Arc::clone(e)).chain(self.dependents(&e.id)).all(|e| {
+                            match e.state() {
+                                LoadState::Ready(served) => served.in_flight() == 0,
+                                _ => true,
+                            }
+                        })
+                    })
+                    .max_by_key(|e| e.idle_for())
+            };
+            match victim {
+                Some(victim) => {
+                    self.unload(&victim, Trigger::Budget).await;
+                }
+                None => return false,
             }
         }
     }
@@ -174,7 +264,10 @@ impl Lifecycle {
             if let Some(base) = this.config(&entry.id).and_then(|c| c.shares()).cloned() {
                 if let Some(base) = this.registry.get(&base).cloned() {
                     this.start_load(&base, trigger);
-                    let _ = base.settled().await;
+                    if !matches!(base.settled().await, LoadState::Ready(_)) {
+                        entry.set_unloaded(); // the requests waiting for it get the reason
+                        return;
+                    }
                 }
             }
             this.run_load(entry, trigger).await;
@@ -204,7 +297,12 @@ impl Lifecycle {
                 Ok(served)
             }
             Ok(LoadState::Failed(_)) => Err(Unavailable::Failed),
-            Ok(_) | Err(_) => Err(Unavailable::StillLoading),
+            // Settled unloaded: the budget had no room for it.
+            Ok(LoadState::Unloaded) => match self.budget {
+                Some(budget) => Err(Unavailable::NoRoom { budget }),
+                None => Err(Unavailable::StillLoading),
+            },
+            Ok(LoadState::Loading) | Err(_) => Err(Unavailable::StillLoading),
         }
     }
 
@@ -228,6 +326,7 @@ impl Lifecycle {
             }
             for e in family {
                 if let LoadState::Ready(served) = e.state() {
+                    self.lock_footprints().remove(&e.id);
                     if let Some(watcher) = self.lock_watchers().remove(&e.id) {
                         watcher.abort();
                     }
@@ -241,6 +340,7 @@ impl Lifecycle {
             }
         }
         let unloaded = !stopped.is_empty();
+        self.report_memory();
         // Requests already holding the model finish first (within the drain): new ones see it
         // unloaded and load it again. Stopping waits, so it runs off the async threads.
         let deadline = Instant::now() + self.drain;

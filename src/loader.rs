@@ -44,6 +44,20 @@ impl Loader {
         Self { store: Store::new(models_dir), pool, registry }
     }
 
+    /// An estimate of the memory `config` takes once loaded: its weight files on disk, plus the KV
+    /// cache for an LLM (`kv_cache_mib`, else the CPU default of 1 GiB). 0 for an entry sharing
+    /// another's model, and for weights not downloaded yet (they are measured after the download).
+    pub async fn footprint(&self, config: &ModelConfig) -> u64 {
+        let Some(weights) = config.weights() else { return 0 };
+        let kv = match &config.options {
+            KindConfig::Llm(llm) => llm.kv_cache_bytes.unwrap_or(1 << 30) as u64,
+            _ => 0,
+        };
+        let Ok(dir) = self.store.resolve(&weights.source, false).await else { return kv };
+        let on_disk = tokio::task::spawn_blocking(move || weight_bytes(&dir)).await.unwrap_or(0);
+        on_disk + kv
+    }
+
     pub async fn load(&self, config: &ModelConfig) -> anyhow::Result<Served> {
         match &config.options {
             KindConfig::Llm(llm) => Ok(Served::Llm(Arc::new(self.generator(config, llm).await?))),
@@ -366,4 +380,30 @@ fn shared_limits(text: &TextConfig, embedder: &Embedder) -> anyhow::Result<TextL
         max_inputs: text.max_inputs_per_request,
         max_tokens: text.max_tokens_per_request,
     })
+}
+
+/// Bytes of the weight files under `dir` (`.safetensors`, `.gguf`, `.bin`, `.onnx`), recursively.
+fn weight_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| {
+            let path = entry.path();
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => weight_bytes(&path),
+                Ok(meta) => {
+                    let weights = path
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e, "safetensors" | "gguf" | "bin" | "onnx"));
+                    if weights {
+                        meta.len()
+                    } else {
+                        0
+                    }
+                }
+                Err(_) => 0,
+            }
+        })
+        .sum()
 }

@@ -82,6 +82,7 @@ struct RawServer {
     max_queue_wait_ms: Option<u64>,
     keep_alive: Option<model::RawKeepAlive>,
     model_load_timeout_secs: Option<u64>,
+    models_memory_mib: Option<f64>,
     preprocess_threads: Option<usize>,
     preprocess_queue_depth: Option<usize>,
     allowed_hosts: Option<Vec<String>>,
@@ -126,6 +127,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// How long a request waits for its model to load on demand before a 503.
     pub model_load_timeout: Duration,
+    /// Estimated bytes all loaded models may take together; `None`: no limit.
+    pub models_memory_budget: Option<u64>,
 }
 
 impl ServerConfig {
@@ -349,6 +352,11 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
         model_load_timeout: Duration::from_secs(
             server.model_load_timeout_secs.unwrap_or(DEFAULT_MODEL_LOAD_TIMEOUT_SECS),
         ),
+        models_memory_budget: match server.models_memory_mib {
+            None => None,
+            Some(mib) if mib.is_finite() && mib > 0.0 => Some((mib * 1_048_576.0) as u64),
+            Some(_) => return Err(invalid("server.models_memory_mib", "must be a positive number of MiB")),
+        },
     };
     let logging = LoggingConfig {
         format: overrides.log_format.or(raw.logging.format).unwrap_or_default(),

@@ -69,6 +69,15 @@ pub async fn ready_model(
         Err(Unavailable::Failed) => {
             Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: true })
         }
+        Err(Unavailable::NoRoom { budget }) => Err(ApiError::Overloaded {
+            message: format!(
+                "model `{}` cannot be loaded now: the models' memory budget ({:.1} MiB, \
+                 `models_memory_mib`) is held by models with requests in flight; retry later",
+                entry.id,
+                budget as f64 / 1_048_576.0
+            ),
+            retry_after: std::time::Duration::from_secs(1),
+        }),
     }
 }
 

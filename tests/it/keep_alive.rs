@@ -221,3 +221,32 @@ fn keep_alive_and_preload_are_checked() {
             .unwrap();
     assert_eq!(server.models[1].keep_alive, KeepAlive::Idle(Duration::from_secs(600)), "the server default");
 }
+
+#[tokio::test]
+async fn a_memory_budget_unloads_the_least_recently_used_model_first() {
+    use hearth_engine::registry::{LoadState, Served};
+    // Each tiny model's weights are about 100 KiB: the budget holds one of them.
+    let app = app(&config("budget", "", "models_memory_mib = 0.15")).await;
+    assert_eq!(state_of(&app, "budget-embed", None).await, "unloaded", "pushed out by the second at startup");
+    assert_eq!(state_of(&app, "budget-other", None).await, "ready");
+    assert_eq!(state_of(&app, "budget-shared", None).await, "unloaded", "its model is not loaded");
+    assert!(metric(&app, "hearth_models_memory_bytes") > 100_000.0);
+
+    let first = embed(&app, "budget-embed", None).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    assert_eq!(state_of(&app, "budget-other", None).await, "unloaded");
+    assert_eq!(metric(&app, r#"hearth_model_unloads_total{model="budget-other",trigger="budget"}"#), 1.0);
+
+    // While `budget-embed` has a request in flight it is not unloaded: the other cannot load.
+    let LoadState::Ready(served) = app.state.registry.get("budget-embed").unwrap().state() else { panic!() };
+    let Served::Embedding(embedder) = &*served else { panic!() };
+    let in_flight = embedder.service().admission.try_admit().unwrap();
+    let refused = embed(&app, "budget-other", None).await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, None, Some("model_overloaded"));
+    assert!(refused.message().contains("models_memory_mib"), "{}", refused.text);
+    assert_eq!(state_of(&app, "budget-embed", None).await, "ready");
+    drop(in_flight);
+    let later = embed(&app, "budget-other", None).await;
+    assert_eq!(later.status, StatusCode::OK, "{}", later.text);
+    assert_eq!(state_of(&app, "budget-embed", None).await, "unloaded");
+}
