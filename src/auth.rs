@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use hearth_engine::Priority;
 use subtle::ConstantTimeEq;
 
-use crate::config::{AuthConfig, KeyClass, KeyDigest};
+use crate::config::{ApiKey, AuthConfig, KeyClass, KeyDigest, RateLimits};
 
 /// A continuously refilled token bucket.
 struct Bucket {
@@ -136,9 +136,17 @@ pub struct Account {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     charged: metrics::Counter,
+    limits: RateLimits,
 }
 
 impl Account {
+    fn same_as(&self, key: &ApiKey) -> bool {
+        self.name == key.name
+            && self.class == key.class
+            && self.admin == key.admin
+            && self.limits == key.limits
+    }
+
     /// Admits one request: takes a request from its bucket, and checks the tokens bucket is above
     /// zero. A request refused by the tokens limit takes no request.
     pub fn admit(&self) -> Result<Quota, Limited> {
@@ -191,18 +199,30 @@ impl Bucket {
     }
 }
 
-/// Every configured key.
+/// Every configured key. A config reload replaces the keys; a key that stays keeps its buckets.
 pub struct Keyring {
-    accounts: Vec<Arc<Account>>,
+    accounts: std::sync::RwLock<Vec<Arc<Account>>>,
     pub metrics_require_key: bool,
 }
 
 impl Keyring {
     pub fn new(config: &AuthConfig) -> Self {
-        let accounts = config
+        Self {
+            accounts: std::sync::RwLock::new(Self::accounts(config, &[])),
+            metrics_require_key: config.metrics_require_key,
+        }
+    }
+
+    /// Accounts for `config`'s keys, reusing those in `kept` whose key, name, class and limits are
+    /// unchanged (so a reload does not refill anyone's buckets).
+    fn accounts(config: &AuthConfig, kept: &[Arc<Account>]) -> Vec<Arc<Account>> {
+        config
             .keys
             .iter()
             .map(|key| {
+                if let Some(same) = kept.iter().find(|a| a.digest == key.digest && a.same_as(key)) {
+                    return Arc::clone(same);
+                }
                 Arc::new(Account {
                     name: Arc::clone(&key.name),
                     class: key.class,
@@ -211,22 +231,33 @@ impl Keyring {
                     requests: key.limits.requests_per_minute.map(Bucket::per_minute),
                     tokens: key.limits.tokens_per_minute.map(Bucket::per_minute),
                     charged: metrics::counter!("hearth_key_tokens_total", "key" => key.name.to_string()),
+                    limits: key.limits,
                 })
             })
-            .collect();
-        Self { accounts, metrics_require_key: config.metrics_require_key }
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Account>>> {
+        self.accounts.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the keys (a config reload). Returns how many keys there are now.
+    pub fn replace(&self, config: &AuthConfig) -> usize {
+        let mut accounts = self.accounts.write().unwrap_or_else(|p| p.into_inner());
+        *accounts = Self::accounts(config, &accounts);
+        accounts.len()
     }
 
     /// Whether any key is configured (otherwise the server is open).
     pub fn enabled(&self) -> bool {
-        !self.accounts.is_empty()
+        !self.read().is_empty()
     }
 
     /// The account whose key was presented. Compares with every key, in constant time.
     pub fn find(&self, presented: &str) -> Option<Arc<Account>> {
         let digest = KeyDigest::of(presented);
         let mut found = None;
-        for account in &self.accounts {
+        for account in self.read().iter() {
             let equal: bool = account.digest.0.ct_eq(&digest.0).into();
             if equal {
                 found = Some(Arc::clone(account));
@@ -274,7 +305,6 @@ impl Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ApiKey, RateLimits};
 
     fn keyring(limits: RateLimits) -> Keyring {
         let key = |name: &str, key: &str, class| ApiKey {

@@ -102,9 +102,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load_config(args: &ConfigArgs, overrides: Overrides) -> Result<Config, ExitCode> {
+/// `overrides` with what the config arguments set (models directory, keys).
+fn with_config_args(args: &ConfigArgs, overrides: Overrides) -> Overrides {
     let auth = AuthOverrides { keys_file: args.api_keys_file.clone(), api_key: args.api_key.clone() };
-    let overrides = Overrides { models_dir: args.models_dir.clone(), auth, ..overrides };
+    Overrides { models_dir: args.models_dir.clone(), auth, ..overrides }
+}
+
+fn load_config(args: &ConfigArgs, overrides: Overrides) -> Result<Config, ExitCode> {
+    let overrides = with_config_args(args, overrides);
     Config::load(&args.config, &overrides).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
@@ -120,16 +125,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_level: args.log_level.clone(),
         auth: AuthOverrides::default(),
     };
-    let config = match load_config(&args.config, overrides) {
+    let config = match load_config(&args.config, overrides.clone()) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    let overrides = with_config_args(&args.config, overrides);
     if let Err(e) = crate::telemetry::init_logging(&config.logging) {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
     tracing::info!(config = %args.config.config.display(), version = env!("CARGO_PKG_VERSION"), "starting hearth");
-    run_async(crate::server::serve(config))
+    run_async(crate::server::serve(config, overrides))
 }
 
 fn check(args: ConfigArgs) -> ExitCode {

@@ -16,7 +16,7 @@
 //!   model larger than the whole budget still loads when it is the only one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hearth_engine::registry::{LoadState, ModelEntry, Registry, Served};
@@ -38,6 +38,7 @@ pub enum Trigger {
     Admin,
     Idle,
     Budget,
+    Reload,
 }
 
 impl Trigger {
@@ -48,6 +49,7 @@ impl Trigger {
             Self::Admin => "admin",
             Self::Idle => "idle",
             Self::Budget => "budget",
+            Self::Reload => "reload",
         }
     }
 }
@@ -67,7 +69,8 @@ pub enum Unavailable {
 pub struct Lifecycle {
     loader: Arc<Loader>,
     registry: Arc<Registry>,
-    configs: HashMap<Arc<str>, ModelConfig>,
+    /// The current config of every model (replaced entry by entry by a reload).
+    configs: RwLock<HashMap<Arc<str>, ModelConfig>>,
     /// The supervisor watching each loaded model.
     watchers: Mutex<HashMap<Arc<str>, JoinHandle<()>>>,
     /// Serialises load and unload decisions (state changes happen under it, loads outside it).
@@ -87,7 +90,7 @@ impl Lifecycle {
         Self {
             loader: Arc::new(loader),
             registry,
-            configs,
+            configs: RwLock::new(configs),
             watchers: Mutex::new(HashMap::new()),
             decide: Mutex::new(()),
             load_timeout: config.server.model_load_timeout,
@@ -98,38 +101,44 @@ impl Lifecycle {
         }
     }
 
-    fn config(&self, id: &str) -> Option<&ModelConfig> {
-        self.configs.get(id)
+    fn configs(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, ModelConfig>> {
+        self.configs.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn config(&self, id: &str) -> Option<ModelConfig> {
+        self.configs().get(id).cloned()
     }
 
     /// The config of the entry whose weights `model` uses: its own, or its embedding model's.
-    fn owner<'a>(&'a self, model: &'a ModelConfig) -> &'a ModelConfig {
-        model.shares().and_then(|base| self.config(base)).unwrap_or(model)
+    fn owner(&self, model: &ModelConfig) -> ModelConfig {
+        model.shares().and_then(|base| self.config(base)).unwrap_or_else(|| model.clone())
     }
 
     /// Entries that use `id`'s loaded model.
     fn dependents(&self, id: &str) -> Vec<Arc<ModelEntry>> {
-        self.configs
+        let ids: Vec<Arc<str>> = self
+            .configs()
             .values()
             .filter(|c| c.shares().is_some_and(|s| &**s == id))
-            .filter_map(|c| self.registry.get(&c.id).cloned())
-            .collect()
+            .map(|c| Arc::clone(&c.id))
+            .collect();
+        ids.iter().filter_map(|id| self.registry.get(id)).collect()
     }
 
     /// Loads the models configured with `preload` one after another (bounding peak memory and
     /// I/O), those that share another's model last; the rest start unloaded. Returns when each has
     /// loaded or failed.
     pub async fn load_at_startup(self: &Arc<Self>) {
-        let mut order: Vec<&ModelConfig> = self.configs.values().collect();
+        let mut order: Vec<ModelConfig> = self.configs().values().cloned().collect();
         order.sort_by_key(|m| (m.shares().is_some(), self.position(&m.id)));
         for model in order {
-            let Some(entry) = self.registry.get(&model.id).cloned() else { continue };
+            let Some(entry) = self.registry.get(&model.id) else { continue };
             // An entry sharing a model that is not loaded (not preloaded, or pushed out by the memory
             // budget) waits for its first request.
             let base_missing = model.shares().is_some_and(|base| {
                 !self.registry.get(base).is_some_and(|b| matches!(b.state(), LoadState::Ready(_)))
             });
-            if !self.owner(model).preload || base_missing {
+            if !self.owner(&model).preload || base_missing {
                 entry.set_unloaded();
                 continue;
             }
@@ -144,7 +153,7 @@ impl Lifecycle {
 
     /// Loads `entry` now, in this task, and starts watching it; the state says how it went.
     async fn run_load(self: &Arc<Self>, entry: Arc<ModelEntry>, trigger: Trigger) {
-        let Some(config) = self.config(&entry.id).cloned() else { return };
+        let Some(config) = self.config(&entry.id) else { return };
         let started = Instant::now();
         if let Some(budget) = self.budget {
             let need = self.loader.footprint(&config).await;
@@ -220,7 +229,7 @@ impl Lifecycle {
                 }
                 others
                     .iter()
-                    .filter_map(|(id, _)| self.registry.get(id).cloned())
+                    .filter_map(|(id, _)| self.registry.get(id))
                     .filter(|e| matches!(e.state(), LoadState::Ready(_)))
                     .filter(|e| {
                         std::iter::once(Arc::clone(e)).chain(self.dependents(&e.id)).all(|e| {
@@ -261,8 +270,8 @@ impl Lifecycle {
         let (this, entry) = (Arc::clone(self), Arc::clone(entry));
         tokio::spawn(async move {
             // An entry sharing another's model needs that one loaded first.
-            if let Some(base) = this.config(&entry.id).and_then(|c| c.shares()).cloned() {
-                if let Some(base) = this.registry.get(&base).cloned() {
+            if let Some(base) = this.config(&entry.id).and_then(|c| c.shares().cloned()) {
+                if let Some(base) = this.registry.get(&base) {
                     this.start_load(&base, trigger);
                     if !matches!(base.settled().await, LoadState::Ready(_)) {
                         entry.set_unloaded(); // the requests waiting for it get the reason
@@ -365,6 +374,81 @@ impl Lifecycle {
         self.load(entry).await
     }
 
+    /// Applies a reloaded config's models: removed ones are unloaded (their requests in flight
+    /// finish) and no longer found; changed ones are unloaded and loaded again with their new
+    /// config (and so are entries sharing a changed model); added ones are registered and loaded
+    /// (or left for their first request). Requests to the other models are untouched.
+    pub async fn apply(self: &Arc<Self>, config: &Config) -> Changes {
+        let old = self.configs().clone();
+        let new: HashMap<Arc<str>, ModelConfig> =
+            config.models.iter().map(|m| (Arc::clone(&m.id), m.clone())).collect();
+        let mut changes = Changes::default();
+        for (id, model) in &old {
+            match new.get(id) {
+                None => changes.removed.push(Arc::clone(id)),
+                Some(now) if now != model => changes.changed.push(Arc::clone(id)),
+                Some(_) => {}
+            }
+        }
+        // An entry sharing a changed or removed model holds the old one: it is changed too.
+        for (id, model) in &new {
+            let base_moved = model
+                .shares()
+                .is_some_and(|base| changes.changed.contains(base) || changes.removed.contains(base));
+            if old.contains_key(id) && base_moved && !changes.changed.contains(id) {
+                changes.changed.push(Arc::clone(id));
+            }
+        }
+        changes.added =
+            config.models.iter().filter(|m| !old.contains_key(&m.id)).map(|m| Arc::clone(&m.id)).collect();
+
+        for id in &changes.removed {
+            if let Some(entry) = self.registry.get(id) {
+                self.unload(&entry, Trigger::Reload).await;
+                self.registry.remove(id);
+            }
+            self.configs.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+            metrics::gauge!("hearth_model_loaded", "model" => id.to_string()).set(0.0);
+        }
+        let mut to_load = Vec::new();
+        for id in &changes.changed {
+            let Some(entry) = self.registry.get(id) else { continue };
+            let was_loaded = matches!(entry.state(), LoadState::Ready(_) | LoadState::Loading);
+            let model = new[id].clone();
+            self.unload(&entry, Trigger::Reload).await;
+            let entry = if model.kind != entry.kind {
+                self.registry.remove(id);
+                self.registry.insert(Arc::clone(id), model.kind)
+            } else {
+                entry
+            };
+            entry.set_unloaded();
+            let preload = model.preload;
+            self.configs.write().unwrap_or_else(|p| p.into_inner()).insert(Arc::clone(id), model);
+            if was_loaded || preload {
+                to_load.push(entry);
+            }
+        }
+        for model in config.models.iter().filter(|m| changes.added.contains(&m.id)) {
+            self.configs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(Arc::clone(&model.id), model.clone());
+            let entry = self.registry.insert(Arc::clone(&model.id), model.kind);
+            entry.set_unloaded();
+            if self.owner(model).preload {
+                to_load.push(entry);
+            }
+        }
+        // Models first, then the entries that share them (which load their model first anyway).
+        to_load.sort_by_key(|e| self.config(&e.id).is_some_and(|c| c.shares().is_some()));
+        for entry in to_load {
+            self.start_load(&entry, Trigger::Reload);
+            let _ = tokio::time::timeout(self.load_timeout, entry.settled()).await;
+        }
+        changes
+    }
+
     /// Every [`REAP_EVERY`]: models busy now count as used now; models idle for their
     /// `keep_alive` (with idle dependents) are unloaded.
     pub async fn reap_idle(self: Arc<Self>) {
@@ -387,11 +471,11 @@ impl Lifecycle {
                 {
                     continue;
                 }
-                let idle = std::iter::once(Arc::clone(entry))
+                let idle = std::iter::once(Arc::clone(&entry))
                     .chain(self.dependents(&entry.id))
                     .all(|e| self.is_idle(&e));
                 if idle {
-                    self.unload(entry, Trigger::Idle).await;
+                    self.unload(&entry, Trigger::Idle).await;
                 }
             }
         }
@@ -402,7 +486,7 @@ impl Lifecycle {
     /// never cut off).
     fn is_idle(&self, entry: &ModelEntry) -> bool {
         let Some(config) = self.config(&entry.id) else { return false };
-        let KeepAlive::Idle(keep_alive) = self.owner(config).keep_alive else { return false };
+        let KeepAlive::Idle(keep_alive) = self.owner(&config).keep_alive else { return false };
         match entry.state() {
             LoadState::Ready(served) => {
                 served.in_flight() == 0 && entry.idle_for() >= keep_alive.max(MIN_IDLE)
@@ -415,3 +499,11 @@ impl Lifecycle {
 /// The shortest idle time before an unload (`keep_alive = 0` means "about a second after the last
 /// request").
 pub const MIN_IDLE: Duration = Duration::from_secs(1);
+
+/// What a config reload changed, by model id.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<Arc<str>>,
+    pub removed: Vec<Arc<str>>,
+    pub changed: Vec<Arc<str>>,
+}

@@ -10,7 +10,8 @@ use hearth_engine::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, Overrides};
+use crate::lifecycle::Changes;
 use crate::state::AppState;
 use crate::{http, telemetry};
 
@@ -68,7 +69,62 @@ where
     }
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// Reads the config file again (on SIGHUP) and applies what can change while serving: the models
+/// (added, removed, changed; the others keep serving) and the API keys. Settings that need a
+/// restart (the listen address, limits, logging, the models directory, `metrics_require_key`) are
+/// reported, not applied. A config that does not validate changes nothing.
+pub async fn reload(state: &AppState, overrides: &Overrides) -> anyhow::Result<Changes> {
+    let path = state.config.file.clone().context("the server was not started from a config file")?;
+    let new = Config::load(&path, overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let old = &state.config;
+    let restart: Vec<&str> = [
+        ("server", new.server != old.server),
+        ("logging", new.logging != old.logging),
+        ("models_dir", new.models_dir != old.models_dir),
+        ("auth.metrics_require_key", new.auth.metrics_require_key != old.auth.metrics_require_key),
+    ]
+    .into_iter()
+    .filter_map(|(what, changed)| changed.then_some(what))
+    .collect();
+    if !restart.is_empty() {
+        tracing::warn!(settings = ?restart, "these settings changed in the config file; they take effect on restart");
+    }
+    let keys = state.keys.replace(&new.auth);
+    let changes = state.lifecycle.apply(&new).await;
+    tracing::info!(
+        config = %path.display(),
+        added = ?changes.added,
+        removed = ?changes.removed,
+        changed = ?changes.changed,
+        keys,
+        "config reloaded"
+    );
+    Ok(changes)
+}
+
+/// Reloads the config on every SIGHUP, until the server stops.
+async fn reload_on_hangup(state: AppState, overrides: Overrides) {
+    #[cfg(unix)]
+    {
+        let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; config reloads are off");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if let Err(e) = reload(&state, &overrides).await {
+                tracing::error!(error = %format!("{e:#}"), "the config was not reloaded; nothing changed");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (state, overrides);
+}
+
+pub async fn serve(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         TcpListener::bind(&address).await.with_context(|| format!("cannot listen on {address}"))?;
@@ -92,6 +148,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let loading = tokio::spawn(load_models(state.clone()));
     let reaper = tokio::spawn(Arc::clone(&state.lifecycle).reap_idle());
+    let reloads = tokio::spawn(reload_on_hangup(state.clone(), overrides));
     let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
     let serving = axum::serve(listener, http::router(state.clone())).with_graceful_shutdown(async move {
         let _ = stop.await;
@@ -106,6 +163,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(timeout_secs = timeout.as_secs(), "shutting down: finishing queued work");
     loading.abort();
     reaper.abort();
+    reloads.abort();
     let _ = stop_accepting.send(());
     // Models refuse new work at once and answer what is still queued at the deadline with 503, so
     // every open request ends by then.

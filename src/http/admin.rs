@@ -49,7 +49,7 @@ pub async fn act(
         return ApiError::UnknownRoute { method: "POST".into(), path: format!("/admin/models/{rest}") }
             .into_response();
     };
-    let Some(entry) = state.registry.get(id).cloned() else {
+    let Some(entry) = state.registry.get(id) else {
         return ApiError::ModelNotFound { model: id.into() }.into_response();
     };
     tracing::info!(model = %entry.id, action = ?action, by = caller.name().unwrap_or("-"), "admin model action");

@@ -30,7 +30,8 @@ struct ModelReadiness {
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let states: Vec<_> = state.registry.entries().iter().map(|entry| (entry, entry.state())).collect();
+    let entries = state.registry.entries();
+    let states: Vec<_> = entries.iter().map(|entry| (entry, entry.state())).collect();
     let all_ready = states.iter().all(|(entry, load)| match load {
         LoadState::Ready(_) | LoadState::Unloaded => true,
         LoadState::Loading => entry.loading_on_demand(),

@@ -61,8 +61,8 @@ pub async fn ready_model(
     if entry.kind != expected {
         return Err(ApiError::WrongModelKind { model: Arc::clone(&entry.id), kind: entry.kind, expected });
     }
-    match state.lifecycle.acquire(entry).await {
-        Ok(served) => Ok((Arc::clone(entry), served)),
+    match state.lifecycle.acquire(&entry).await {
+        Ok(served) => Ok((Arc::clone(&entry), served)),
         Err(Unavailable::StillLoading) => {
             Err(ApiError::ModelNotReady { model: Arc::clone(&entry.id), failed: false })
         }

@@ -70,7 +70,7 @@ pub async fn list(State(state): State<AppState>) -> Response {
 
 pub async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match state.registry.get(&id) {
-        Some(entry) => axum::Json(describe(entry)).into_response(),
+        Some(entry) => axum::Json(describe(&entry)).into_response(),
         None => ApiError::ModelNotFound { model: id }.into_response(),
     }
 }

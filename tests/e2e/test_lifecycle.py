@@ -84,3 +84,42 @@ def test_admin_endpoints_need_an_admin_key(lazy):
     assert loaded.json()["state"] == "ready" and loaded.json()["dimensions"] == 384
     unloaded = httpx.post(f"{url}/unload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
     assert unloaded.json()["state"] == "unloaded", unloaded.text
+
+
+def test_sighup_reloads_models_and_keys(tmp_path, log_dir):
+    import signal
+
+    config = tmp_path / "hearth.toml"
+    model = f'[[models]]\nid = "{EMBED_MODEL}"\nkind = "embedding"\nsource = "{EMBED_MODEL}"\n'
+    config.write_text(f'[[auth.keys]]\nname = "ops"\nkey = "{ADMIN_KEY}"\n{model}')
+    server = launch(
+        "sighup",
+        lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
+        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+        log_dir,
+    )
+    try:
+        models = lambda key: httpx.get(f"{server.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models(USER_KEY).status_code == 401
+        config.write_text(
+            f'[[auth.keys]]\nname = "ops"\nkey = "{ADMIN_KEY}"\n[[auth.keys]]\nname = "app"\nkey = "{USER_KEY}"\n'
+            f'{model}[[models]]\nid = "second"\nkind = "embedding"\nsource = "{EMBED_MODEL}"\npreload = false\n'
+        )
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while models(USER_KEY).status_code != 200:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        assert [m["id"] for m in models(USER_KEY).json()["data"]] == [EMBED_MODEL, "second"]
+        with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=USER_KEY, max_retries=0, timeout=120) as client:
+            assert len(client.embeddings.create(model="second", input="loaded after a reload").data[0].embedding) == 384
+        # A broken config is refused and nothing changes.
+        config.write_text("[[models]]\nid = 3\n")
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "the config was not reloaded" not in server.log():
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        assert [m["id"] for m in models(USER_KEY).json()["data"]] == [EMBED_MODEL, "second"]
+    finally:
+        server.stop_gracefully()

@@ -250,3 +250,96 @@ async fn a_memory_budget_unloads_the_least_recently_used_model_first() {
     assert_eq!(later.status, StatusCode::OK, "{}", later.text);
     assert_eq!(state_of(&app, "budget-embed", None).await, "unloaded");
 }
+
+#[tokio::test]
+async fn a_config_reload_changes_models_and_keys_and_leaves_the_rest_serving() {
+    use hearth::config::{Config, Overrides};
+    use hearth_engine::registry::LoadState;
+    const LIMITED: &str = "hk-test-limited-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hearth.toml");
+    let limited =
+        format!("[[auth.keys]]\nname = \"limited\"\nkey = \"{LIMITED}\"\nrequests_per_minute = 1\n");
+    let before = format!(
+        "{}\n{}{limited}",
+        config("reload", "", ""),
+        keys().replace(&format!("[[auth.keys]]\nname = \"user\"\nkey = \"{USER}\"\n"), "")
+    );
+    std::fs::write(&path, &before).unwrap();
+    let state = hearth::state::AppState::new(Config::load(&path, &Overrides::default()).unwrap()).unwrap();
+    hearth::server::load_models(state.clone()).await;
+    let app = App { router: hearth::http::router(state.clone()), state: state.clone() };
+    assert_eq!(embed(&app, "reload-other", Some(LIMITED)).await.status, StatusCode::OK);
+    assert_eq!(embed(&app, "reload-other", Some(USER)).await.status, StatusCode::UNAUTHORIZED);
+    let served = |id: &str| match state.registry.get(id).unwrap().state() {
+        LoadState::Ready(served) => served,
+        _ => panic!("{id} is not loaded"),
+    };
+    let other_before = served("reload-other");
+
+    // Remove the sharing reranker, change the first embedder, add a model, add a key.
+    let after = format!(
+        "{}\n[[models]]\nid = \"reload-new\"\nkind = \"embedding\"\nsource = \"tiny-bert-embed\"\npreload = false\n{}{limited}",
+        config("reload", "max_input_tokens = 16", "")
+            .replace("[[models]]\n        id = \"reload-shared\"\n        kind = \"rerank\"\n        embedding_model = \"reload-embed\"", ""),
+        keys()
+    );
+    std::fs::write(&path, &after).unwrap();
+    let changes = hearth::server::reload(&state, &Overrides::default()).await.unwrap();
+    let ids = |v: &[Arc<str>]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(&changes.added), ["reload-new"]);
+    assert_eq!(ids(&changes.removed), ["reload-shared"]);
+    assert_eq!(ids(&changes.changed), ["reload-embed"]);
+
+    let listed = app
+        .send(
+            Request::builder()
+                .uri("/v1/models")
+                .header(header::AUTHORIZATION, format!("Bearer {USER}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    let listed: Vec<&str> =
+        listed.body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["reload-embed", "reload-other", "reload-new"]);
+    let rerank = json!({"model": "reload-shared", "query": "q", "documents": ["d"]});
+    post(&app, "/v1/rerank", rerank, Some(USER)).await.assert_error(
+        StatusCode::NOT_FOUND,
+        Some("model"),
+        Some("model_not_found"),
+    );
+    let changed = app
+        .send(
+            Request::builder()
+                .uri("/v1/models/reload-embed")
+                .header(header::AUTHORIZATION, format!("Bearer {USER}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (changed.body["state"].as_str(), changed.body["max_input_tokens"].as_u64()),
+        (Some("ready"), Some(16)),
+        "{}",
+        changed.text
+    );
+    assert_eq!(state_of(&app, "reload-new", Some(USER)).await, "unloaded");
+    assert_eq!(
+        embed(&app, "reload-new", Some(USER)).await.status,
+        StatusCode::OK,
+        "the new key and the new model"
+    );
+    assert!(Arc::ptr_eq(&other_before, &served("reload-other")), "an unchanged model is not reloaded");
+    assert_eq!(
+        embed(&app, "reload-other", Some(LIMITED)).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a kept key keeps its buckets"
+    );
+
+    // A config that does not validate changes nothing.
+    std::fs::write(&path, "this is not toml").unwrap();
+    let err = hearth::server::reload(&state, &Overrides::default()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("invalid TOML"), "{err:#}");
+    assert_eq!(embed(&app, "reload-new", Some(USER)).await.status, StatusCode::OK);
+}

@@ -82,7 +82,7 @@ async fn poison(app: &App) -> crate::support::Reply {
 #[tokio::test]
 async fn a_dead_model_is_failed_at_once_then_reloaded_with_backoff() {
     let app = tiny_app().await;
-    let entry = Arc::clone(app.state.registry.get("tiny-embed").unwrap());
+    let entry = app.state.registry.get("tiny-embed").unwrap();
     let served = Arc::new(fragile(&app.state).await);
     entry.set_ready(Arc::clone(&served));
     // Reloads wait until the test lets them through, so the failed state can be observed.

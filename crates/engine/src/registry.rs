@@ -3,7 +3,6 @@
 //! readiness) while models load, a supervisor can replace a model whose owner thread died, and an
 //! idle model can be unloaded and loaded again on its next request.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -191,48 +190,69 @@ impl ModelEntry {
     }
 }
 
+/// The configured models, in config order. Entries are added and removed only by a config reload;
+/// readers get their own `Arc`s, so a removed entry lives on for the requests that hold it.
 #[derive(Default)]
 pub struct Registry {
-    entries: Vec<Arc<ModelEntry>>,
-    index: HashMap<Arc<str>, usize>,
+    entries: std::sync::RwLock<Vec<Arc<ModelEntry>>>,
+    created: u64,
 }
 
 impl Registry {
     /// Registers each `(id, kind)` in the loading state. Ids must be unique (config validation
     /// guarantees it); a repeated id keeps its first entry.
     pub fn new(models: impl IntoIterator<Item = (Arc<str>, ModelKind)>, created: u64) -> Self {
-        let mut registry = Self::default();
+        let registry = Self { entries: Default::default(), created };
         for (id, kind) in models {
-            if registry.index.contains_key(&id) {
-                continue;
-            }
-            registry.index.insert(Arc::clone(&id), registry.entries.len());
-            registry.entries.push(Arc::new(ModelEntry {
-                id,
-                kind,
-                created,
-                state: watch::Sender::new(LoadState::Loading),
-                last_used: AtomicU64::new(0),
-                epoch: Instant::now(),
-                on_demand: AtomicBool::new(false),
-            }));
+            registry.insert(id, kind);
         }
         registry
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<ModelEntry>> {
-        self.index.get(id).map(|&i| &self.entries[i])
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ModelEntry>>> {
+        self.entries.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn entries(&self) -> &[Arc<ModelEntry>] {
-        &self.entries
+    /// Adds an entry in the loading state (at the end); the existing entry if `id` is taken.
+    pub fn insert(&self, id: Arc<str>, kind: ModelKind) -> Arc<ModelEntry> {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = entries.iter().find(|e| e.id == id) {
+            return Arc::clone(entry);
+        }
+        let entry = Arc::new(ModelEntry {
+            id,
+            kind,
+            created: self.created,
+            state: watch::Sender::new(LoadState::Loading),
+            last_used: AtomicU64::new(0),
+            epoch: Instant::now(),
+            on_demand: AtomicBool::new(false),
+        });
+        entries.push(Arc::clone(&entry));
+        entry
+    }
+
+    /// Removes `id`'s entry: new requests no longer find it.
+    pub fn remove(&self, id: &str) -> Option<Arc<ModelEntry>> {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let position = entries.iter().position(|e| &*e.id == id)?;
+        Some(entries.remove(position))
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<ModelEntry>> {
+        self.read().iter().find(|e| &*e.id == id).cloned()
+    }
+
+    /// Every entry, in config order.
+    pub fn entries(&self) -> Vec<Arc<ModelEntry>> {
+        self.read().clone()
     }
 
     /// Stops every loaded model taking new work at once, lets each finish its queued work until
     /// `deadline`, then stops them.
     pub fn shutdown(&self, deadline: Instant) {
         let loaded: Vec<Arc<Served>> = self
-            .entries
+            .read()
             .iter()
             .filter_map(|entry| match &*entry.state.borrow() {
                 LoadState::Ready(served) => Some(Arc::clone(served)),
