@@ -5,6 +5,7 @@
 mod api_errors;
 mod auth;
 mod embeddings;
+mod fuzz;
 mod keep_alive;
 mod lifecycle;
 mod operations;
