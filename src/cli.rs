@@ -29,6 +29,17 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// About the configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print every config key with its default and meaning, as Markdown (docs/configuration.md).
+    Reference,
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +110,10 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Models { command } => run_async(models(command)),
+        Command::Config { command: ConfigCommand::Reference } => {
+            print!("{}", config::reference::markdown());
+            ExitCode::SUCCESS
+        }
     }
 }
 

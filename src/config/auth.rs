@@ -137,7 +137,7 @@ pub(super) struct RawAuth {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawKey {
+pub(super) struct RawKey {
     name: Option<String>,
     key: Option<Secret>,
     sha256: Option<String>,

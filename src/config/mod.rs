@@ -7,6 +7,7 @@
 
 mod auth;
 mod model;
+pub mod reference;
 
 use std::collections::HashSet;
 use std::fmt;

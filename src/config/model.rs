@@ -19,7 +19,7 @@ use super::{check_keys, invalid, positive, read, ConfigError, Origin};
 use crate::catalogue::{self, Preset};
 
 /// Keys every model entry takes, whatever its kind.
-const COMMON_KEYS: &[&str] = &[
+pub(super) const COMMON_KEYS: &[&str] = &[
     "id",
     "kind",
     "preset",
@@ -37,7 +37,7 @@ const COMMON_KEYS: &[&str] = &[
 pub(crate) const IDENTITY_KEYS: &[&str] = &["id", "kind", "preset", "source", "files"];
 
 /// Options of encoder models (the `embedding` and `rerank` kinds).
-const ENCODER_KEYS: &[&str] = &[
+pub(super) const ENCODER_KEYS: &[&str] = &[
     "architecture",
     "pooling",
     "normalize",
@@ -52,10 +52,10 @@ const ENCODER_KEYS: &[&str] = &[
 ];
 
 /// Options only `rerank` entries take.
-const RERANK_KEYS: &[&str] = &["scoring", "embedding_model"];
+pub(super) const RERANK_KEYS: &[&str] = &["scoring", "embedding_model"];
 
 /// Options of `llm` entries.
-const LLM_KEYS: &[&str] = &[
+pub(super) const LLM_KEYS: &[&str] = &[
     "file",
     "chat_template",
     "context_length",

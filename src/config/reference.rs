@@ -1,0 +1,346 @@
+//! The configuration reference (`hearth config reference`, written to `docs/configuration.md`):
+//! every key of every table, with its default and meaning. Tests compare each table's keys with the
+//! keys its parser accepts (the serde structs' fields, and the per-kind key lists of `[[models]]`),
+//! and the checked-in file with [`markdown`], so neither can drift from the code.
+
+use std::fmt::Write as _;
+
+/// One key: its name, its default (as written in TOML, or what happens when unset) and what it does.
+pub struct Key {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+pub struct Section {
+    /// The TOML table (`[server]`), or the kinds a `[[models]]` group applies to.
+    pub table: &'static str,
+    pub intro: &'static str,
+    pub keys: &'static [Key],
+}
+
+const fn key(name: &'static str, default: &'static str, meaning: &'static str) -> Key {
+    Key { name, default, meaning }
+}
+
+pub const TOP: Section = Section {
+    table: "top level",
+    intro: "",
+    keys: &[key(
+        "models_dir",
+        "`$XDG_CACHE_HOME/hearth/models`",
+        "Where models live (hub downloads, `hearth models pull` copies); `--models-dir` / `HEARTH_MODELS_DIR` override it.",
+    )],
+};
+
+pub const SERVER: Section = Section {
+    table: "[server]",
+    intro: "The listener and the limits every model falls back on. Changes need a restart.",
+    keys: &[
+        key("host", "`\"127.0.0.1\"`", "Listen address (`--host`, `HEARTH_HOST`); `0.0.0.0` in containers."),
+        key("port", "`8080`", "Listen port (`--port`, `HEARTH_PORT`); `0` picks a free one."),
+        key("max_request_body_bytes", "`16777216`", "Larger bodies get 413."),
+        key(
+            "max_concurrent_requests_per_route",
+            "`64`",
+            "Requests in flight per route, counted before the body is read; more get 429.",
+        ),
+        key(
+            "max_concurrent_requests",
+            "`512`",
+            "Per model default: requests admitted at once (tokenizing, queued or running); more get 429.",
+        ),
+        key("queue_depth", "`256`", "Per model default: requests waiting for the model; more get 429."),
+        key("max_inputs_per_request", "`2048`", "Per model default: embedding inputs or rerank documents per request."),
+        key("max_tokens_per_request", "`300000`", "Per model default: tokens of all inputs of one request together."),
+        key(
+            "max_queue_wait_ms",
+            "`2000`",
+            "Per encoder default: refuse (429, `Retry-After` from the estimate) a request that the tokens queued ahead would keep waiting longer; `0`: off.",
+        ),
+        key(
+            "keep_alive",
+            "`-1`",
+            "Per model default: unload after this long without requests (seconds, or `\"30s\"`, `\"5m\"`, `\"1h\"`); `0`: about a second after the last; `-1`: never.",
+        ),
+        key(
+            "model_load_timeout_secs",
+            "`300`",
+            "How long a request for an unloaded model waits for it to load before a 503.",
+        ),
+        key(
+            "models_memory_mib",
+            "unlimited",
+            "Estimated memory all loaded models may take; least recently used idle models are unloaded to make room, and a load the models in use leave no room for gets 429.",
+        ),
+        key("preprocess_threads", "the CPU count", "Threads that tokenize for every model."),
+        key("preprocess_queue_depth", "`1024`", "Tokenization tasks waiting for those threads; more get 429."),
+        key(
+            "allowed_hosts",
+            "`[]`",
+            "`Host` names answered besides loopback names and IP addresses (DNS-rebinding protection).",
+        ),
+        key(
+            "cors_allowed_origins",
+            "`[]` (CORS off)",
+            "`[\"*\"]` or a list of `scheme://host[:port]`; anything else stops startup.",
+        ),
+        key(
+            "shutdown_timeout_secs",
+            "`30`",
+            "After SIGTERM, in-flight and queued work may run this long; what is left gets 503.",
+        ),
+    ],
+};
+
+pub const LOGGING: Section = Section {
+    table: "[logging]",
+    intro: "",
+    keys: &[
+        key(
+            "format",
+            "`\"text\"`",
+            "`\"json\"` for one JSON object per line (`--log-format`, `HEARTH_LOG_FORMAT`).",
+        ),
+        key(
+            "level",
+            "`\"info\"`",
+            "A tracing filter, e.g. `\"hearth=debug,tower_http=info\"` (`--log-level`, `HEARTH_LOG`).",
+        ),
+    ],
+};
+
+pub const AUTH: Section = Section {
+    table: "[auth]",
+    intro: "API keys. With none the server is open (a warning is logged when it listens beyond loopback). Keys and key settings change on SIGHUP.",
+    keys: &[
+        key(
+            "keys_file",
+            "none",
+            "A keys file, one key per line: `KEY [NAME] [class=premium|standard] [rpm=N] [tpm=N] [admin=true]`, or `sha256:<digest>` for KEY. Relative to the config file; `--api-keys-file` / `HEARTH_API_KEYS_FILE` replace it. An empty file is an error.",
+        ),
+        key("metrics_require_key", "`false`", "`/metrics` needs a key too (restart to change)."),
+        key("requests_per_minute", "unlimited", "The requests-per-minute limit of keys that set none."),
+        key("tokens_per_minute", "unlimited", "The tokens-per-minute limit of keys that set none."),
+        key("keys", "`[]`", "Keys in the config file: `[[auth.keys]]` tables (below)."),
+    ],
+};
+
+pub const AUTH_KEYS: Section = Section {
+    table: "[[auth.keys]]",
+    intro: "One API key each. `HEARTH_API_KEY` adds one more (named `env`).",
+    keys: &[
+        key("name", "`\"key-N\"`", "Labels logs and metrics (never the key): 1 to 64 of letters, digits and `._-`."),
+        key("key", "–", "The key, at least 16 printable characters. Set this or `sha256`."),
+        key("sha256", "–", "The key's SHA-256 digest in hex (`printf %s \"$KEY\" | sha256sum`), so the file need not hold the key."),
+        key("class", "`\"standard\"`", "`\"premium\"` requests overtake standard ones by two seconds in every queue, never starving them."),
+        key("requests_per_minute", "the `[auth]` value", "Requests per minute (a token bucket); beyond it, 429 `rate_limit_exceeded`."),
+        key("tokens_per_minute", "the `[auth]` value", "Tokens read and generated per minute; a request is admitted while the bucket is above zero."),
+        key("admin", "`false`", "May use `POST /admin/models/{id}/load|unload|reload`."),
+    ],
+};
+
+pub const MODEL_COMMON: Section = Section {
+    table: "[[models]] (every kind)",
+    intro: "One table per served model; a preset's `[defaults]` fill in what the entry does not set. Models change on SIGHUP.",
+    keys: &[
+        key("id", "required", "The name clients send as `model`: letters, digits and `._:/-`."),
+        key("kind", "the preset's", "`llm`, `embedding` or `rerank`."),
+        key("preset", "–", "A catalogue entry (`hearth models list`) giving the source, files and default options."),
+        key(
+            "source",
+            "the preset's",
+            "`hf:org/name[@revision]` (downloaded into `models_dir/hub`), or a directory inside `models_dir`.",
+        ),
+        key("files", "the kind's defaults", "Glob patterns of the hub files to fetch (`hf:` sources only)."),
+        key("device", "`\"auto\"`", "`auto` (CUDA, then Metal, then CPU), `cpu`, `cuda`, `cuda:N`, `metal`."),
+        key("dtype", "`\"auto\"`", "Encoders: `auto` (f32 on CPU, f16 on GPUs), `f32`, `f16`, `bf16`."),
+        key("max_concurrent_requests", "the `[server]` value", "Requests admitted at once; more get 429."),
+        key("queue_depth", "the `[server]` value", "Requests waiting for the model; more get 429."),
+        key("keep_alive", "the `[server]` value", "Unload after this long without requests; the next request loads it again."),
+        key("preload", "`true`", "Load at startup; `false`: on the first request."),
+    ],
+};
+
+pub const MODEL_ENCODER: Section = Section {
+    table: "[[models]] (`embedding`, `rerank`)",
+    intro: "",
+    keys: &[
+        key("architecture", "from the weights", "`bert` or `xlm-roberta`; if set, must match `config.json`."),
+        key("pooling", "the sentence-transformers config", "`mean`, `cls` or `last-token`."),
+        key("normalize", "the sentence-transformers config", "L2-normalise embeddings."),
+        key(
+            "max_input_tokens",
+            "the model's own limit",
+            "Tokens per input; never more than the positions allow.",
+        ),
+        key("truncate", "`false` (embedding), `true` (rerank)", "Cut long inputs instead of answering 400."),
+        key("max_batch_tokens", "`16384`", "Padded tokens (`sequences × longest`) per forward pass."),
+        key("max_batch_size", "`64`", "Sequences per forward pass."),
+        key(
+            "max_batch_memory_mib",
+            "`1024` on CPU, `4096` on GPU",
+            "Estimated peak activation memory per forward pass.",
+        ),
+        key("max_inputs_per_request", "the `[server]` value", "Inputs (or documents) per request."),
+        key(
+            "max_tokens_per_request",
+            "the `[server]` value",
+            "Tokens of all inputs of one request together.",
+        ),
+        key(
+            "max_queue_wait_ms",
+            "the `[server]` value",
+            "Refuse a request the tokens queued ahead would keep waiting longer; `0`: off.",
+        ),
+    ],
+};
+
+pub const MODEL_RERANK: Section = Section {
+    table: "[[models]] (`rerank`)",
+    intro: "",
+    keys: &[
+        key("scoring", "`\"auto\"`", "`cross-encoder`, `bi-encoder`, or `auto` (from the checkpoint's head)."),
+        key(
+            "embedding_model",
+            "–",
+            "An `embedding` entry to rerank with as a bi-encoder, sharing its loaded weights and owner thread (then only `id`, `kind`, `max_concurrent_requests`, `max_input_tokens`, `truncate`, `max_inputs_per_request` and `max_tokens_per_request` may be set).",
+        ),
+    ],
+};
+
+pub const MODEL_LLM: Section = Section {
+    table: "[[models]] (`llm`)",
+    intro: "",
+    keys: &[
+        key("file", "the only `.gguf`", "Which `.gguf` in the model directory, when it holds several."),
+        key("chat_template", "the model's", "A Jinja chat template to use instead of the model's own."),
+        key(
+            "context_length",
+            "the model's trained context",
+            "Fewer positions (less KV memory per sequence); at least 16.",
+        ),
+        key("max_tokens", "until the context is full", "New tokens when a request sets none."),
+        key("max_running_sequences", "`16`", "Sequences decoded together."),
+        key("max_batch_tokens", "`512`", "Tokens per decode step (decoded tokens plus prompt chunks)."),
+        key(
+            "kv_cache_mib",
+            "`1024` on CPU, `4096` on GPU",
+            "KV-cache memory for running sequences and the prefix cache.",
+        ),
+        key("kv_cache_type", "`\"f16\"`", "KV-cache element type on the CPU: `f16` or `f32`."),
+        key("cpu_threads", "one per core", "The model's own CPU thread pool."),
+        key("prefix_cache", "`true`", "Keep finished prompts' KV entries for reuse."),
+    ],
+};
+
+pub const SECTIONS: &[&Section] =
+    &[&TOP, &SERVER, &LOGGING, &AUTH, &AUTH_KEYS, &MODEL_COMMON, &MODEL_ENCODER, &MODEL_RERANK, &MODEL_LLM];
+
+/// The reference as Markdown (what `hearth config reference` prints).
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "# Configuration reference\n\n\
+         Generated by `hearth config reference` from the config parser's own tables; CI checks that\n\
+         this file matches it. Unknown keys are errors. Durations and sizes are in the unit their\n\
+         name says (`_ms`, `_secs`, `_mib`, `_bytes`).\n",
+    );
+    for section in SECTIONS {
+        let _ = write!(out, "\n## {}\n\n", section.table);
+        if !section.intro.is_empty() {
+            let _ = write!(out, "{}\n\n", section.intro);
+        }
+        out.push_str("| key | default | meaning |\n|---|---|---|\n");
+        for key in section.keys {
+            let _ = writeln!(out, "| `{}` | {} | {} |", key.name, key.default, key.meaning);
+        }
+    }
+    out
+}
+
+/// The field names a serde struct accepts, learnt from what its derived `Deserialize` asks for.
+#[cfg(test)]
+pub(super) fn fields_of<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    use serde::de::Visitor;
+
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("stop")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    struct Recorder<'a>(&'a mut Vec<&'static str>);
+    impl<'de> serde::Deserializer<'de> for Recorder<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0.extend_from_slice(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields = Vec::new();
+    let _ = T::deserialize(Recorder(&mut fields));
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::config::{auth, model, RawConfig, RawLogging, RawServer};
+
+    fn names(section: &Section) -> BTreeSet<&'static str> {
+        section.keys.iter().map(|k| k.name).collect()
+    }
+
+    fn set(keys: &[&'static str]) -> BTreeSet<&'static str> {
+        keys.iter().copied().collect()
+    }
+
+    #[test]
+    fn every_table_lists_exactly_the_keys_its_parser_accepts() {
+        let mut top = set(&fields_of::<RawConfig>());
+        for table in ["server", "logging", "auth"] {
+            assert!(top.remove(table), "{table}");
+        }
+        assert_eq!(names(&TOP), top);
+        assert_eq!(names(&SERVER), set(&fields_of::<RawServer>()));
+        assert_eq!(names(&LOGGING), set(&fields_of::<RawLogging>()));
+        assert_eq!(names(&AUTH), set(&fields_of::<auth::RawAuth>()));
+        assert_eq!(names(&AUTH_KEYS), set(&fields_of::<auth::RawKey>()));
+        assert_eq!(names(&MODEL_COMMON), set(model::COMMON_KEYS));
+        assert_eq!(names(&MODEL_ENCODER), set(model::ENCODER_KEYS));
+        assert_eq!(names(&MODEL_RERANK), set(model::RERANK_KEYS));
+        assert_eq!(names(&MODEL_LLM), set(model::LLM_KEYS));
+    }
+
+    #[test]
+    fn the_checked_in_reference_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == markdown(),
+            "{} is out of date: run `hearth config reference > docs/configuration.md`",
+            path.display()
+        );
+    }
+}
