@@ -9,7 +9,7 @@ mod auth;
 mod model;
 pub mod reference;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,6 +89,17 @@ struct RawServer {
     allowed_hosts: Option<Vec<String>>,
     cors_allowed_origins: Option<Vec<String>>,
     shutdown_timeout_secs: Option<u64>,
+    request_timeout_secs: Option<u64>,
+    routes: Option<std::collections::BTreeMap<String, RawRoute>>,
+}
+
+/// `[server.routes."/v1/…"]`: one route's own limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    max_request_body_bytes: Option<usize>,
+    max_concurrent_requests: Option<usize>,
+    request_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +141,33 @@ pub struct ServerConfig {
     pub model_load_timeout: Duration,
     /// Estimated bytes all loaded models may take together; `None`: no limit.
     pub models_memory_budget: Option<u64>,
+    /// The limits of each model route (the server-wide values, unless `[server.routes]` says more).
+    pub routes: std::collections::BTreeMap<&'static str, RouteLimits>,
+}
+
+/// The model routes, whose limits `[server.routes."…"]` may set.
+pub const MODEL_ROUTES: &[&str] =
+    &["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank"];
+
+/// One route's limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteLimits {
+    pub max_request_body_bytes: usize,
+    /// Requests in flight on the route, counted before the body is read; more get 429.
+    pub max_concurrent_requests: usize,
+    /// Until the response starts (a stream's body is bounded by its tokens); `None`: no limit.
+    pub request_timeout: Option<Duration>,
+}
+
+impl ServerConfig {
+    /// The limits of `route` (one of [`MODEL_ROUTES`]).
+    pub fn route(&self, route: &str) -> RouteLimits {
+        self.routes.get(route).copied().unwrap_or(RouteLimits {
+            max_request_body_bytes: self.max_request_body_bytes,
+            max_concurrent_requests: self.max_concurrent_requests_per_route,
+            request_timeout: None,
+        })
+    }
 }
 
 impl ServerConfig {
@@ -168,6 +206,8 @@ pub const DEFAULT_MAX_TOKENS_PER_REQUEST: usize = 300_000;
 pub const DEFAULT_PREPROCESS_QUEUE_DEPTH: usize = 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_MODEL_LOAD_TIMEOUT_SECS: u64 = 300;
+/// A request whose response has not started after this long gets 504.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 600;
 /// An encoder refuses (429) a request that the work ahead would keep waiting longer than this.
 pub const DEFAULT_MAX_QUEUE_WAIT_MS: u64 = 2_000;
 
@@ -353,12 +393,15 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
         model_load_timeout: Duration::from_secs(
             server.model_load_timeout_secs.unwrap_or(DEFAULT_MODEL_LOAD_TIMEOUT_SECS),
         ),
+        routes: BTreeMap::new(),
         models_memory_budget: match server.models_memory_mib {
             None => None,
             Some(mib) if mib.is_finite() && mib > 0.0 => Some((mib * 1_048_576.0) as u64),
             Some(_) => return Err(invalid("server.models_memory_mib", "must be a positive number of MiB")),
         },
     };
+    let mut server_config = server_config;
+    server_config.routes = route_limits(&server_config, server)?;
     let logging = LoggingConfig {
         format: overrides.log_format.or(raw.logging.format).unwrap_or_default(),
         level: overrides.log_level.clone().or(raw.logging.level).unwrap_or_else(|| "info".into()),
@@ -378,6 +421,50 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
     model::check_references(&models)?;
     let auth = auth::validate(raw.auth, &overrides.auth, file)?;
     Ok(Config { file: None, models_dir, server: server_config, logging, auth, models })
+}
+
+/// Every model route's limits: the server-wide ones, overridden per route by `[server.routes]`.
+fn route_limits(
+    server: &ServerConfig,
+    raw: &RawServer,
+) -> Result<BTreeMap<&'static str, RouteLimits>, ConfigError> {
+    // Seconds; 0: no limit.
+    let timeout = |secs: Option<u64>, default: Option<Duration>| match secs {
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(s)),
+        None => default,
+    };
+    let default_timeout =
+        timeout(raw.request_timeout_secs, Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS)));
+    let routes = raw.routes.as_ref();
+    if let Some(unknown) = routes.and_then(|r| r.keys().find(|k| !MODEL_ROUTES.contains(&k.as_str()))) {
+        let known = MODEL_ROUTES.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ");
+        return Err(invalid(
+            format!("server.routes.\"{unknown}\""),
+            format!("`{unknown}` is not a model route; routes with their own limits: {known}"),
+        ));
+    }
+    MODEL_ROUTES
+        .iter()
+        .map(|&route| {
+            let own = routes.and_then(|r| r.get(route));
+            let field = |name: &str| format!("server.routes.\"{route}\".{name}");
+            let limits = RouteLimits {
+                max_request_body_bytes: positive(
+                    &field("max_request_body_bytes"),
+                    own.and_then(|o| o.max_request_body_bytes),
+                    server.max_request_body_bytes,
+                )?,
+                max_concurrent_requests: positive(
+                    &field("max_concurrent_requests"),
+                    own.and_then(|o| o.max_concurrent_requests),
+                    server.max_concurrent_requests_per_route,
+                )?,
+                request_timeout: timeout(own.and_then(|o| o.request_timeout_secs), default_timeout),
+            };
+            Ok((route, limits))
+        })
+        .collect()
 }
 
 /// A count that must be at least 1; `default` when unset.

@@ -90,6 +90,26 @@ pub const SERVER: Section = Section {
             "`30`",
             "After SIGTERM, in-flight and queued work may run this long; what is left gets 503.",
         ),
+        key(
+            "request_timeout_secs",
+            "`600`",
+            "Per route default: a request whose response has not started after this long gets 504 and its work is dropped (a stream's body is bounded by its tokens); `0`: no limit.",
+        ),
+        key("routes", "`{}`", "Limits of single model routes: `[server.routes.\"ROUTE\"]` tables (below)."),
+    ],
+};
+
+pub const ROUTES: Section = Section {
+    table: "[server.routes.\"ROUTE\"]",
+    intro: "One model route's own limits; ROUTE is `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/rerank` or `/rerank`. Unset keys take the `[server]` values.",
+    keys: &[
+        key("max_request_body_bytes", "`max_request_body_bytes`", "Larger bodies get 413."),
+        key(
+            "max_concurrent_requests",
+            "`max_concurrent_requests_per_route`",
+            "Requests in flight on the route, counted before the body is read; more get 429.",
+        ),
+        key("request_timeout_secs", "`request_timeout_secs`", "Until the response starts; beyond it, 504; `0`: no limit."),
     ],
 };
 
@@ -234,8 +254,18 @@ pub const MODEL_LLM: Section = Section {
     ],
 };
 
-pub const SECTIONS: &[&Section] =
-    &[&TOP, &SERVER, &LOGGING, &AUTH, &AUTH_KEYS, &MODEL_COMMON, &MODEL_ENCODER, &MODEL_RERANK, &MODEL_LLM];
+pub const SECTIONS: &[&Section] = &[
+    &TOP,
+    &SERVER,
+    &ROUTES,
+    &LOGGING,
+    &AUTH,
+    &AUTH_KEYS,
+    &MODEL_COMMON,
+    &MODEL_ENCODER,
+    &MODEL_RERANK,
+    &MODEL_LLM,
+];
 
 /// The reference as Markdown (what `hearth config reference` prints).
 pub fn markdown() -> String {
@@ -306,7 +336,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::config::{auth, model, RawConfig, RawLogging, RawServer};
+    use crate::config::{auth, model, RawConfig, RawLogging, RawRoute, RawServer};
 
     fn names(section: &Section) -> BTreeSet<&'static str> {
         section.keys.iter().map(|k| k.name).collect()
@@ -324,6 +354,7 @@ mod tests {
         }
         assert_eq!(names(&TOP), top);
         assert_eq!(names(&SERVER), set(&fields_of::<RawServer>()));
+        assert_eq!(names(&ROUTES), set(&fields_of::<RawRoute>()));
         assert_eq!(names(&LOGGING), set(&fields_of::<RawLogging>()));
         assert_eq!(names(&AUTH), set(&fields_of::<auth::RawAuth>()));
         assert_eq!(names(&AUTH_KEYS), set(&fields_of::<auth::RawKey>()));

@@ -84,6 +84,10 @@ pub enum ApiError {
         limited: Limited,
     },
     ShuttingDown,
+    /// The response did not start within the route's `request_timeout_secs` (504).
+    Timeout {
+        limit: Duration,
+    },
     /// Anything else; `cause` goes to the log only.
     Internal {
         cause: String,
@@ -124,6 +128,7 @@ impl ApiError {
             Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotReady { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -159,6 +164,7 @@ impl ApiError {
             Self::RateLimited { .. } => Some("rate_limit_exceeded"),
             Self::ShuttingDown => Some("shutting_down"),
             Self::Internal { .. } => Some("internal_error"),
+            Self::Timeout { .. } => Some("request_timeout"),
         }
     }
 
@@ -229,6 +235,10 @@ impl ApiError {
                 )
             }
             Self::ShuttingDown => "The server is shutting down".into(),
+            Self::Timeout { limit } => format!(
+                "The request did not finish within this route's time limit of {} s (`request_timeout_secs`)",
+                limit.as_secs_f64()
+            ),
             Self::Internal { .. } => "The server had an error while processing your request".into(),
         }
     }

@@ -118,6 +118,15 @@ pub async fn limit_route(State(limit): State<RouteLimit>, request: Request, next
     }
 }
 
+/// Middleware: a request whose response has not started within the route's `request_timeout_secs`
+/// gets 504; dropping the handler cancels its work (the model skips it, or frees its sequence).
+pub async fn time_limit(State(limit): State<std::time::Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout { limit }.into_response(),
+    }
+}
+
 /// The key a request presents: `Authorization: Bearer KEY` (OpenAI's SDKs), else `x-api-key: KEY`
 /// (Anthropic's and Cohere's clients).
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -207,5 +216,46 @@ mod tests {
         assert!(p.permits("hearth.example.com:8080"));
         assert!(p.permits("10.1.2.3:8080"), "kubelet probes use the pod IP");
         assert!(!p.permits("evil.example"));
+    }
+}
+
+#[cfg(test)]
+mod time_limit_tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::post;
+    use axum::Router;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_response_that_does_not_start_in_time_is_a_504_and_the_work_is_dropped() {
+        let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&finished);
+        let slow = move || async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            "late"
+        };
+        let router = Router::new().route(
+            "/slow",
+            post(slow)
+                .layer(axum::middleware::from_fn_with_state(Duration::from_millis(50), super::time_limit)),
+        );
+        let started = std::time::Instant::now();
+        let response = router.oneshot(Request::post("/slow").body(Body::empty()).unwrap()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["error"]["code"], "request_timeout");
+        assert!(body["error"]["message"].as_str().unwrap().contains("0.05 s"), "{body}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !finished.load(std::sync::atomic::Ordering::SeqCst),
+            "the handler was dropped, not left running"
+        );
     }
 }

@@ -21,7 +21,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use hearth_engine::registry::{ModelEntry, Served};
 use hearth_engine::ModelKind;
@@ -34,6 +34,7 @@ use tracing::Level;
 use self::error::ApiError;
 use self::guard::{HostPolicy, RouteLimit};
 use self::json::BodyLimit;
+use crate::config::ServerConfig;
 use crate::lifecycle::Unavailable;
 use crate::state::AppState;
 
@@ -95,17 +96,32 @@ pub fn router(state: AppState) -> Router {
     let body_limit = server.max_request_body_bytes;
     let cors = cors_layer(&server.cors_allowed_origins);
     let hosts = HostPolicy::new(server);
-    let per_route = server.max_concurrent_requests_per_route;
-    let limited = |route: &'static str| {
-        middleware::from_fn_with_state(RouteLimit::new(route, per_route), guard::limit_route)
-    };
+    // Each model route's own limits, outermost first: requests in flight (before the body is
+    // read), the time until the response starts, the body size.
+    fn limited<H, T>(server: &ServerConfig, route: &'static str, handler: H) -> MethodRouter<AppState>
+    where
+        H: axum::handler::Handler<T, AppState>,
+        T: 'static,
+    {
+        let limits = server.route(route);
+        let mut method: MethodRouter<AppState> = post(handler)
+            .layer::<_, std::convert::Infallible>(axum::Extension(BodyLimit(limits.max_request_body_bytes)))
+            .layer(DefaultBodyLimit::max(limits.max_request_body_bytes));
+        if let Some(timeout) = limits.request_timeout {
+            method = method.layer(middleware::from_fn_with_state(timeout, guard::time_limit));
+        }
+        method.layer(middleware::from_fn_with_state(
+            RouteLimit::new(route, limits.max_concurrent_requests),
+            guard::limit_route,
+        ))
+    }
     // Everything but the probes needs a key when keys are configured (`/metrics` too, if asked).
     let mut keyed = Router::new()
-        .route("/v1/chat/completions", post(chat::create).layer(limited("/v1/chat/completions")))
-        .route("/v1/completions", post(completions::create).layer(limited("/v1/completions")))
-        .route("/v1/embeddings", post(embeddings::create).layer(limited("/v1/embeddings")))
-        .route("/v1/rerank", post(rerank::create).layer(limited("/v1/rerank")))
-        .route("/rerank", post(rerank::create).layer(limited("/rerank")))
+        .route("/v1/chat/completions", limited(server, "/v1/chat/completions", chat::create))
+        .route("/v1/completions", limited(server, "/v1/completions", completions::create))
+        .route("/v1/embeddings", limited(server, "/v1/embeddings", embeddings::create))
+        .route("/v1/rerank", limited(server, "/v1/rerank", rerank::create))
+        .route("/rerank", limited(server, "/rerank", rerank::create))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
         .route("/v1/models/{*id}", get(models::retrieve))

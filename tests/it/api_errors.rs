@@ -126,3 +126,46 @@ async fn content_types_routes_and_methods() {
         Some("method_not_allowed"),
     );
 }
+
+#[tokio::test]
+async fn routes_take_their_own_body_limits_and_bad_route_settings_are_refused() {
+    let extra =
+        "\n[server.routes.\"/v1/embeddings\"]\nmax_request_body_bytes = 100\nrequest_timeout_secs = 30\n";
+    let toml = crate::support::tiny_config("")
+        .replace("max_request_body_bytes = 65536\n", &format!("max_request_body_bytes = 65536\n{extra}"));
+    let app = crate::support::app(&toml).await;
+    let long = "word ".repeat(40);
+    let refused = app.post("/v1/embeddings", serde_json::json!({"model": "tiny-embed", "input": long})).await;
+    refused.assert_error(axum::http::StatusCode::PAYLOAD_TOO_LARGE, None, Some("request_too_large"));
+    assert!(refused.message().contains("100 bytes"), "{}", refused.text);
+    let rerank = serde_json::json!({"model": "tiny-rerank-bert", "query": long, "documents": ["a"]});
+    assert_eq!(
+        app.post("/v1/rerank", rerank).await.status,
+        axum::http::StatusCode::OK,
+        "other routes keep the server's limit"
+    );
+    let limits = app.state.config.server.route("/v1/embeddings");
+    assert_eq!(
+        (limits.max_request_body_bytes, limits.request_timeout),
+        (100, Some(std::time::Duration::from_secs(30)))
+    );
+    assert_eq!(
+        app.state.config.server.route("/v1/rerank").request_timeout,
+        Some(std::time::Duration::from_secs(600))
+    );
+
+    let parse = |text: &str| {
+        hearth::config::Config::parse(text, None, &Default::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let unknown = parse("[server.routes.\"/v1/nope\"]\nmax_request_body_bytes = 5\n");
+    assert!(unknown.contains("not a model route") && unknown.contains("`/v1/embeddings`"), "{unknown}");
+    assert!(parse("[server.routes.\"/v1/rerank\"]\nmax_concurrent_requests = 0\n").contains("at least 1"));
+    assert!(parse("[server.routes.\"/v1/rerank\"]\ncolour = 1\n").contains("unknown field"));
+    let off =
+        hearth::config::Config::parse("[server]\nrequest_timeout_secs = 0\n", None, &Default::default())
+            .unwrap();
+    assert_eq!(off.server.route("/v1/completions").request_timeout, None);
+}
