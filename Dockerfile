@@ -5,6 +5,7 @@
 #           --build-arg BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
 #           --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
 #           --build-arg CUDA_COMPUTE_CAP=90 .
+# OpenTelemetry trace export: add `--build-arg FEATURES=otlp` (or `FEATURES="cuda otlp"`).
 # Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
 # Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
 # Models are read from (and downloaded to) /var/lib/hearth/models; the config is

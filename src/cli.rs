@@ -12,7 +12,12 @@ use crate::config::{self, AuthOverrides, Config, LogFormat, ModelSource, Overrid
 use crate::store::Store;
 
 #[derive(Debug, Parser)]
-#[command(name = "hearth", version, about = "One binary serving OpenAI-compatible AI APIs from local models")]
+#[command(
+    name = "hearth",
+    version,
+    long_version = long_version(),
+    about = "One binary serving OpenAI-compatible AI APIs from local models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -103,6 +108,20 @@ enum ModelsCommand {
     },
 }
 
+/// `hearth --version`: the version and the optional cargo features this binary was built with.
+fn long_version() -> &'static str {
+    let features: Vec<&str> = [
+        ("cuda", cfg!(feature = "cuda")),
+        ("metal", cfg!(feature = "metal")),
+        ("otlp", cfg!(feature = "otlp")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    let features = if features.is_empty() { "none".to_owned() } else { features.join(", ") };
+    Box::leak(format!("{}\nfeatures: {features}", env!("CARGO_PKG_VERSION")).into_boxed_str())
+}
+
 /// Parses the command line, runs the command, and maps failures to exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -145,12 +164,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     let overrides = with_config_args(&args.config, overrides);
-    if let Err(e) = crate::telemetry::init_logging(&config.logging) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(2);
-    }
+    let telemetry = match crate::telemetry::init_logging(&config.logging) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     tracing::info!(config = %args.config.config.display(), version = env!("CARGO_PKG_VERSION"), "starting hearth");
-    run_async(crate::server::serve(config, overrides))
+    let code = run_async(crate::server::serve(config, overrides));
+    drop(telemetry); // flushes the last spans
+    code
 }
 
 fn check(args: ConfigArgs) -> ExitCode {

@@ -1,27 +1,119 @@
-//! Logging (`tracing`, text or JSON) and the Prometheus recorder behind `/metrics`.
+//! Logging (`tracing`, text or JSON), optional OpenTelemetry trace export (OTLP over HTTP, the
+//! `otlp` cargo feature), and the Prometheus recorder behind `/metrics`.
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LogFormat, LoggingConfig};
 
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// What must outlive the server for telemetry to be complete: the trace exporter, flushed on drop.
+#[must_use = "dropping it stops the trace export"]
+pub struct Telemetry {
+    #[cfg(feature = "otlp")]
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.traces.take() {
+            if let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("warning: the last traces were not exported: {e}");
+            }
+        }
+    }
+}
+
+/// Where traces go: `[logging] otlp_endpoint`, else `OTEL_EXPORTER_OTLP_ENDPOINT` (or its
+/// `_TRACES_` form), else nowhere.
+fn otlp_wanted(config: &LoggingConfig) -> bool {
+    config.otlp_endpoint.is_some()
+        || ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+            .iter()
+            .any(|var| std::env::var_os(var).is_some_and(|v| !v.is_empty()))
+}
+
 /// Installs the global subscriber. `level` is a filter directive (`info`, `hearth=debug,tower_http=info`).
-pub fn init_logging(config: &LoggingConfig) -> anyhow::Result<()> {
+/// With an OTLP endpoint, spans (each request, and each model stage inside it) are exported too.
+/// Call it before any async runtime exists (the exporter's HTTP client makes its own).
+pub fn init_logging(config: &LoggingConfig) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(&config.level)
         .map_err(|e| anyhow::anyhow!("invalid log level `{}`: {e}", config.level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let result = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
+    let mut layers: Vec<BoxedLayer> = vec![match config.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).boxed(),
+    }];
+    let telemetry = Telemetry {
+        #[cfg(feature = "otlp")]
+        traces: match otlp_wanted(config) {
+            true => {
+                let (layer, provider) = otlp::layer(config)?;
+                layers.push(layer);
+                Some(provider)
+            }
+            false => None,
+        },
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    #[cfg(not(feature = "otlp"))]
+    if otlp_wanted(config) {
+        anyhow::bail!(
+            "an OTLP endpoint is configured, but this binary was built without the `otlp` feature \
+             (cargo build --release --features otlp)"
+        );
+    }
+    tracing_subscriber::registry()
+        .with(layers)
+        .with(filter)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(telemetry)
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use opentelemetry_sdk::Resource;
+    use tracing_subscriber::Layer;
+
+    use super::BoxedLayer;
+    use crate::config::LoggingConfig;
+
+    /// A tracing layer exporting spans in batches to the OTLP/HTTP (protobuf) endpoint.
+    pub(super) fn layer(config: &LoggingConfig) -> anyhow::Result<(BoxedLayer, SdkTracerProvider)> {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+        if let Some(endpoint) = &config.otlp_endpoint {
+            let endpoint = endpoint.trim_end_matches('/');
+            let traces = if endpoint.ends_with("/v1/traces") {
+                endpoint.to_owned()
+            } else {
+                format!("{endpoint}/v1/traces")
+            };
+            exporter = exporter.with_endpoint(traces);
+        }
+        let exporter =
+            exporter.build().map_err(|e| anyhow::anyhow!("cannot set up the OTLP exporter: {e}"))?;
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "hearth".into());
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name(service).build())
+            .build();
+        let tracer = provider.tracer("hearth");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer).boxed(), provider))
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] =

@@ -107,6 +107,7 @@ struct RawRoute {
 struct RawLogging {
     format: Option<LogFormat>,
     level: Option<String>,
+    otlp_endpoint: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,6 +184,8 @@ impl ServerConfig {
 pub struct LoggingConfig {
     pub format: LogFormat,
     pub level: String,
+    /// OTLP/HTTP collector base URL (`http://collector:4318`); needs the `otlp` feature.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,6 +408,15 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
     let logging = LoggingConfig {
         format: overrides.log_format.or(raw.logging.format).unwrap_or_default(),
         level: overrides.log_level.clone().or(raw.logging.level).unwrap_or_else(|| "info".into()),
+        otlp_endpoint: match raw.logging.otlp_endpoint {
+            Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                return Err(invalid(
+                    "logging.otlp_endpoint",
+                    format!("`{url}` is not an http:// or https:// URL (e.g. `http://otel-collector:4318`)"),
+                ))
+            }
+            other => other,
+        },
     };
     let mut models: Vec<ModelConfig> = Vec::with_capacity(entries.len());
     let mut seen = HashSet::new();

@@ -127,6 +127,11 @@ pub const LOGGING: Section = Section {
             "`\"info\"`",
             "A tracing filter, e.g. `\"hearth=debug,tower_http=info\"` (`--log-level`, `HEARTH_LOG`).",
         ),
+        key(
+            "otlp_endpoint",
+            "none (`OTEL_EXPORTER_OTLP_ENDPOINT`)",
+            "Export traces (a span per request and per model stage) over OTLP/HTTP to this collector, e.g. `\"http://otel-collector:4318\"`; needs a binary built with `--features otlp`. `OTEL_SERVICE_NAME` names the service (default `hearth`).",
+        ),
     ],
 };
 

@@ -158,8 +158,10 @@ impl<O: Send + 'static> EncoderHandle<O> {
             reason: Overload::ExpectedWait { expected: refused.expected, max: refused.max },
         })?;
         let (reply, answer) = oneshot::channel();
+        let span = tracing::info_span!("model", model = %self.model(), sequences = sequences.len(), tokens);
         self.owner.push(Job { sequences, reply }, priority)?;
-        match answer.await {
+        // The span covers the queue wait and every batch that runs part of this job.
+        match tracing::Instrument::instrument(answer, span).await {
             Ok(result) => result,
             // The owner thread dropped the job without answering: it died holding it.
             Err(_) => Err(self.owner.life.failed()),

@@ -67,7 +67,9 @@ impl BlockingPool {
             PushError::Full(_) => EngineError::PreprocessingBusy { queue_depth: self.queue.capacity() },
             PushError::Closed(_) => EngineError::ShuttingDown { model: "preprocessing".into() },
         })?;
-        match answer.await {
+        // A span per task, for traces: the wait for a thread and the work (tokenization, mostly).
+        let waited = tracing::Instrument::instrument(answer, tracing::info_span!("preprocess"));
+        match waited.await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(panic)) => Err(EngineError::Internal { message: panic_message(&panic) }),
             Err(_) => Err(EngineError::ShuttingDown { model: "preprocessing".into() }),

@@ -45,6 +45,7 @@ pub struct GenerateOptions {
 
 /// Events of one generation; dropping it cancels the generation.
 pub struct GenerationStream {
+    _span: tracing::Span,
     events: mpsc::UnboundedReceiver<Event>,
     _permit: Arc<Permit>,
     failed: EngineError,
@@ -175,36 +176,40 @@ impl Generate for Generator {
         prompt: Prompt,
         priority: Priority,
     ) -> crate::BoxFuture<'_, Result<PreparedPrompt, EngineError>> {
-        Box::pin(async move {
-            let tokens = match prompt {
-                Prompt::Tokens(tokens) => {
-                    if tokens.is_empty() {
-                        return Err(EngineError::EmptyInput { subject: Subject::Input(0) });
+        let span = tracing::info_span!("prepare", model = %self.scheduler.model());
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let tokens = match prompt {
+                    Prompt::Tokens(tokens) => {
+                        if tokens.is_empty() {
+                            return Err(EngineError::EmptyInput { subject: Subject::Input(0) });
+                        }
+                        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+                            return Err(EngineError::TokenOutOfRange {
+                                subject: Subject::Input(0),
+                                token_id: bad.into(),
+                                vocab_size: self.vocab_size,
+                            });
+                        }
+                        tokens
                     }
-                    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-                        return Err(EngineError::TokenOutOfRange {
-                            subject: Subject::Input(0),
-                            token_id: bad.into(),
-                            vocab_size: self.vocab_size,
-                        });
+                    Prompt::Text(text) => self.tokenize_on_pool(text, priority).await?,
+                    Prompt::Chat(messages) => {
+                        let text = self.render(&messages)?;
+                        self.tokenize_on_pool(text, priority).await?
                     }
-                    tokens
+                };
+                let context_length = self.context_length();
+                if tokens.len() >= context_length {
+                    return Err(EngineError::ContextLengthExceeded {
+                        prompt_tokens: tokens.len(),
+                        context_length,
+                    });
                 }
-                Prompt::Text(text) => self.tokenize_on_pool(text, priority).await?,
-                Prompt::Chat(messages) => {
-                    let text = self.render(&messages)?;
-                    self.tokenize_on_pool(text, priority).await?
-                }
-            };
-            let context_length = self.context_length();
-            if tokens.len() >= context_length {
-                return Err(EngineError::ContextLengthExceeded {
-                    prompt_tokens: tokens.len(),
-                    context_length,
-                });
-            }
-            Ok(PreparedPrompt { tokens })
-        })
+                Ok(PreparedPrompt { tokens })
+            },
+            span,
+        ))
     }
 
     fn start(
@@ -226,6 +231,8 @@ impl Generate for Generator {
                 };
                 let events = self.scheduler.submit(request, option.priority)?;
                 Ok(GenerationStream {
+                    // Lives as long as the stream: a trace shows how long each choice generated.
+                    _span: tracing::info_span!("generate", model = %self.scheduler.model()),
                     events,
                     _permit: Arc::clone(&permit),
                     failed: self.scheduler.failed_error(),
