@@ -170,6 +170,7 @@ impl Loader {
             kv_budget_bytes: llm.kv_cache_bytes,
             prefix_cache: llm.prefix_cache,
             eos_ids: vocab.eos_ids.clone(),
+            max_queue_wait: llm.max_queue_wait,
         };
         let options = DecoderOptions {
             device: llm.weights.device,

@@ -66,6 +66,7 @@ pub(super) const LLM_KEYS: &[&str] = &[
     "kv_cache_type",
     "cpu_threads",
     "prefix_cache",
+    "max_queue_wait_ms",
 ];
 
 /// The keys an entry of `kind` may set, common ones included.
@@ -200,6 +201,7 @@ struct RawLlm {
     kv_cache_type: Option<KvCacheType>,
     cpu_threads: Option<usize>,
     prefix_cache: Option<bool>,
+    max_queue_wait_ms: Option<u64>,
 }
 
 /// The element type of an LLM's KV cache on the CPU (llama.cpp's `--cache-type-k/-v`).
@@ -312,6 +314,9 @@ pub struct LlmConfig {
     /// The model's own CPU thread pool size; `None`: one thread per core.
     pub cpu_threads: Option<usize>,
     pub prefix_cache: bool,
+    /// Refuse a request at once when the requests waiting ahead would keep it from a place longer
+    /// than this (`max_queue_wait_ms`; 0 turns it off).
+    pub max_queue_wait: Option<Duration>,
 }
 
 pub const DEFAULT_MAX_RUNNING_SEQUENCES: usize = 16;
@@ -698,6 +703,11 @@ fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
             Some(n) => Some(positive(&field("cpu_threads"), Some(n), 1)?),
         },
         prefix_cache: raw.prefix_cache.unwrap_or(true),
+        max_queue_wait: match raw.max_queue_wait_ms {
+            None => entry.defaults.max_queue_wait,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+        },
     })
 }
 

@@ -56,7 +56,7 @@ pub const SERVER: Section = Section {
         key(
             "max_queue_wait_ms",
             "`2000`",
-            "Per encoder default: refuse (429, `Retry-After` from the estimate) a request that the tokens queued ahead would keep waiting longer; `0`: off.",
+            "Per model default: refuse (429, `Retry-After` from the estimate) a request that the work queued ahead would keep waiting longer (encoders: tokens ahead × time per token; LLMs: requests ahead × time between admissions); `0`: off.",
         ),
         key(
             "keep_alive",
@@ -256,6 +256,11 @@ pub const MODEL_LLM: Section = Section {
         key("kv_cache_type", "`\"f16\"`", "KV-cache element type on the CPU: `f16` or `f32`."),
         key("cpu_threads", "one per core", "The model's own CPU thread pool."),
         key("prefix_cache", "`true`", "Keep finished prompts' KV entries for reuse."),
+        key(
+            "max_queue_wait_ms",
+            "the `[server]` value",
+            "Refuse (429) a request that the requests waiting ahead × the recent time between admissions would keep from a place longer; `0`: off.",
+        ),
     ],
 };
 

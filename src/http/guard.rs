@@ -67,6 +67,22 @@ fn host_name(host: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Middleware (outermost): a refusal that may come before the request's body was read (401, 403,
+/// 413, 415, 429) tells the client to close the connection. The unread body makes the connection
+/// unusable, and without `Connection: close` a keep-alive client could send its next request on it
+/// just as the server drops it.
+pub async fn close_after_unread_body(request: Request, next: Next) -> Response {
+    let has_body = !axum::body::HttpBody::is_end_stream(request.body());
+    let mut response = next.run(request).await;
+    let early = matches!(response.status().as_u16(), 401 | 403 | 413 | 415 | 429);
+    if has_body && early {
+        response
+            .headers_mut()
+            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// Middleware: 403 for a `Host` the policy does not permit. Requests without one (HTTP/1.0
 /// clients) are no browser's and pass.
 pub async fn check_host(State(policy): State<HostPolicy>, request: Request, next: Next) -> Response {

@@ -172,6 +172,7 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(guard::close_after_unread_body))
 }
 
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {

@@ -135,3 +135,15 @@ async fn a_huge_input_with_truncation_is_served_like_its_prefix() {
     assert_eq!(cut.body["usage"], short.body["usage"]);
     assert_eq!(cut.body["data"][0]["embedding"], short.body["data"][0]["embedding"]);
 }
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_closes_the_connection() {
+    let app = crate::support::tiny_app().await;
+    let refused = app
+        .post_raw("/v1/embeddings", "{\"model\": \"tiny-embed\", \"input\": \"x\"}", Some("text/plain"))
+        .await;
+    assert_eq!(refused.status, axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(refused.headers[axum::http::header::CONNECTION], "close");
+    let served = app.post("/v1/embeddings", serde_json::json!({"model": "tiny-embed", "input": "x"})).await;
+    assert!(served.headers.get(axum::http::header::CONNECTION).is_none(), "a read body keeps the connection");
+}

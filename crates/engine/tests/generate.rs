@@ -53,6 +53,8 @@ struct Log {
     forks: Vec<(SeqId, SeqId, usize)>,
     /// The gate: while closed, steps wait.
     closed: bool,
+    /// How long each step takes.
+    step_delay: Duration,
 }
 
 struct Double {
@@ -70,6 +72,8 @@ impl DecoderModel for Double {
         while self.log.lock().unwrap().closed {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let delay = self.log.lock().unwrap().step_delay;
+        std::thread::sleep(delay);
         self.log.lock().unwrap().steps.push(chunks.iter().map(|c| c.tokens.len()).sum());
         let mut rows = Vec::new();
         for chunk in chunks {
@@ -120,6 +124,7 @@ fn config(tweak: impl FnOnce(&mut SchedulerConfig)) -> SchedulerConfig {
         kv_budget_bytes: None,
         prefix_cache: false,
         eos_ids: vec![EOS],
+        max_queue_wait: None,
     };
     tweak(&mut config);
     config
@@ -362,4 +367,47 @@ async fn premium_requests_are_admitted_before_standard_ones_that_wait() {
         task.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), ["running", "premium", "standard-1", "standard-2"]);
+}
+
+#[tokio::test]
+async fn requests_that_would_wait_longer_than_max_queue_wait_for_a_place_are_refused_at_once() {
+    let (handle, log) = start(
+        config(|c| {
+            c.max_running_sequences = 1;
+            c.max_queue_wait = Some(Duration::from_millis(150));
+        }),
+        None,
+    )
+    .await;
+    log.lock().unwrap().step_delay = Duration::from_millis(20);
+    // Six requests at once, one place: nothing is measured yet, so all wait their turn; each holds
+    // the place for about 5 steps of 20 ms.
+    let first: Vec<_> =
+        (0..6).map(|i| handle.submit(request(vec![i + 1], 5), Priority::Normal).unwrap()).collect();
+    for events in first {
+        collect(events).await.unwrap();
+    }
+    // Now admissions are known to come every ~100 ms: of six more at once, the first goes in, the
+    // second waits ~100 ms, and the rest would wait longer than 150 ms.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..6 {
+        match handle.submit(request(vec![i + 10], 5), Priority::Normal) {
+            Ok(events) => accepted.push(events),
+            Err(EngineError::Overloaded {
+                reason: hearth_engine::error::Overload::ExpectedWait { expected, max },
+                ..
+            }) => {
+                assert!(expected > max && max == Duration::from_millis(150), "{expected:?}");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected: {other}"),
+        }
+    }
+    assert!((2..=3).contains(&accepted.len()), "accepted {}, refused {refused}", accepted.len());
+    for events in accepted {
+        collect(events).await.unwrap();
+    }
+    // Once the queue is empty, the next request is taken.
+    assert!(handle.submit(request(vec![40], 2), Priority::Normal).is_ok());
 }

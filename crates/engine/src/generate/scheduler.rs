@@ -14,6 +14,10 @@
 //! Prefix cache: a finished sequence's cache is kept (bounded, LRU). A new prompt that starts with
 //! tokens of a kept sequence copies their KV entries instead of computing them again.
 //!
+//! Load shedding: with `max_queue_wait`, a request is refused at once (429) when the requests
+//! waiting ahead of it × the recent time between admissions (measured only between requests that
+//! were both waiting, so it is the time places take to free up) exceeds it; see [`crate::backlog`].
+//!
 //! Each sequence samples its own next token ([`Sampler`]), turns tokens into text without splitting
 //! characters ([`Detokenizer`]), and stops at an end-of-sequence token, a stop string (never
 //! emitted), its token limit or the context. A sequence whose client has gone is released before
@@ -22,7 +26,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
@@ -30,7 +34,8 @@ use tokio::sync::mpsc;
 use super::model::{Chunk, DecoderInfo, DecoderModel, SeqId};
 use super::sampler::{LogitsProcessor, Sampler, SamplingParams};
 use super::text::{Detokenizer, Matched, StopMatcher};
-use crate::error::{panic_message, BoxError, EngineError};
+use crate::backlog::{Admitted, Backlog};
+use crate::error::{panic_message, BoxError, EngineError, Overload};
 use crate::owner::{Answer, Lifecycle, Owner};
 use crate::queue::{JobQueue, Priority, Ticket};
 
@@ -50,6 +55,9 @@ pub struct SchedulerConfig {
     pub prefix_cache: bool,
     /// Token ids that end generation (every end-of-sequence / end-of-turn id of the model).
     pub eos_ids: Vec<u32>,
+    /// Refuse a request at once when the requests ahead would keep it waiting longer than this
+    /// for a place; `None`: only the queue depth bounds waiting.
+    pub max_queue_wait: Option<Duration>,
 }
 
 /// One generation.
@@ -103,6 +111,8 @@ pub enum Event {
 struct Job {
     request: GenerationRequest,
     events: mpsc::UnboundedSender<Event>,
+    /// Counts this request as waiting until it is admitted (or dropped).
+    _waiting: Admitted,
 }
 
 impl Answer for Job {
@@ -116,6 +126,8 @@ pub struct SchedulerHandle {
     owner: Owner<Job>,
     info: DecoderInfo,
     budget_tokens: usize,
+    /// Requests waiting for admission, and the recent time between admissions.
+    backlog: Arc<Backlog>,
 }
 
 impl SchedulerHandle {
@@ -131,6 +143,8 @@ impl SchedulerHandle {
         F: FnOnce() -> Result<(M, I), BoxError> + Send + 'static,
     {
         let (model_id, queue_depth) = (Arc::clone(&config.model), config.queue_depth);
+        let backlog = Arc::new(Backlog::new(&model_id, config.max_queue_wait));
+        let scheduler_backlog = Arc::clone(&backlog);
         // The model reports its size on its own thread; it comes back with what `load` returns.
         let budget_config = config.clone();
         let load = move || {
@@ -142,10 +156,10 @@ impl SchedulerHandle {
         };
         let run = move |model: M, queue, life| {
             let budget = budget_tokens(&config, &model);
-            Scheduler::new(model, config, budget, tokenizer, queue, life).run()
+            Scheduler::new(model, config, budget, tokenizer, queue, life, scheduler_backlog).run()
         };
         let (owner, (info, decoder, budget_tokens)) = Owner::start(model_id, queue_depth, load, run).await?;
-        Ok((Self { owner, info: decoder, budget_tokens }, info))
+        Ok((Self { owner, info: decoder, budget_tokens, backlog }, info))
     }
 
     pub fn info(&self) -> &DecoderInfo {
@@ -165,8 +179,12 @@ impl SchedulerHandle {
         request: GenerationRequest,
         priority: Priority,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        let waiting = self.backlog.admit(1).map_err(|refused| EngineError::Overloaded {
+            model: Arc::clone(self.model()),
+            reason: Overload::ExpectedWait { expected: refused.expected, max: refused.max },
+        })?;
         let (events, receiver) = mpsc::unbounded_channel();
-        self.owner.push(Job { request, events }, priority)?;
+        self.owner.push(Job { request, events, _waiting: waiting }, priority)?;
         Ok(receiver)
     }
 
@@ -309,6 +327,9 @@ struct Scheduler<M: DecoderModel> {
     next_seq: SeqId,
     clock: u64,
     metrics: SchedulerMetrics,
+    backlog: Arc<Backlog>,
+    /// When the last request was admitted.
+    last_admission: Option<Instant>,
 }
 
 impl<M: DecoderModel> Scheduler<M> {
@@ -319,6 +340,7 @@ impl<M: DecoderModel> Scheduler<M> {
         tokenizer: Arc<Tokenizer>,
         queue: Arc<JobQueue<Job>>,
         life: Arc<Lifecycle>,
+        backlog: Arc<Backlog>,
     ) -> Self {
         let context_length = model.info().context_length;
         let metrics = SchedulerMetrics::new(&config.model);
@@ -339,6 +361,8 @@ impl<M: DecoderModel> Scheduler<M> {
             next_seq: 0,
             clock: 0,
             metrics,
+            backlog,
+            last_admission: None,
         }
     }
 
@@ -467,7 +491,14 @@ impl<M: DecoderModel> Scheduler<M> {
             if !self.evict_for(prompt_len) {
                 return; // wait for running sequences to finish
             }
-            let Some((_, job)) = self.held.take() else { return };
+            let Some((ticket, job)) = self.held.take() else { return };
+            // A request that was already waiting when the one before it was admitted measures one
+            // whole interval between admissions under backlog: how fast places free up.
+            let now = Instant::now();
+            if let Some(last) = self.last_admission.filter(|&last| ticket.arrived <= last) {
+                self.backlog.record(1, now.saturating_duration_since(last).max(Duration::from_nanos(1)));
+            }
+            self.last_admission = Some(now);
             let sequence = self.start(job);
             self.running.push(sequence);
         }
