@@ -123,3 +123,36 @@ def test_sighup_reloads_models_and_keys(tmp_path, log_dir):
         assert [m["id"] for m in models(USER_KEY).json()["data"]] == [EMBED_MODEL, "second"]
     finally:
         server.stop_gracefully()
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_then_exits_0(tmp_path, log_dir):
+    """The drain covers streams: a chat stream started before SIGTERM runs to its end."""
+    import signal
+
+    from conftest import LLM_MODEL
+
+    config = tmp_path / "hearth.toml"
+    config.write_text(f'[[models]]\nid = "{LLM_MODEL}"\npreset = "{LLM_MODEL}"\nsource = "{LLM_MODEL}"\n')
+    server = launch(
+        "drain",
+        lambda port: ["serve", "--config", str(config), "--port", str(port)],
+        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+        log_dir,
+    )
+    body = {"model": LLM_MODEL, "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+            "max_tokens": 120, "temperature": 0, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        stream = response.iter_lines()
+        for line in stream:
+            if line.startswith("data: "):
+                lines.append(line)
+                break
+        server.process.send_signal(signal.SIGTERM)  # while the stream has most of its tokens to go
+        lines.extend(line for line in stream if line.startswith("data: "))
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    # All 120 tokens came, most of them after SIGTERM: the stream was not cut short.
+    assert '"finish_reason":"length"' in lines[-2], lines[-2]
+    assert len(lines) >= 100, f"the stream was cut short: {len(lines)} events"
+    assert server.process.wait(timeout=60) == 0, server.log_tail()
