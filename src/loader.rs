@@ -207,6 +207,7 @@ impl Loader {
             template,
             bos: if vocab.add_bos { vocab.bos } else { None },
             default_max_tokens: llm.max_tokens,
+            max_output_tokens: llm.max_output_tokens,
             scheduler,
             admission: Admission::new(Arc::clone(&config.id), config.max_concurrent_requests),
             pool: Arc::clone(&self.pool),

@@ -67,6 +67,7 @@ pub(super) const LLM_KEYS: &[&str] = &[
     "cpu_threads",
     "prefix_cache",
     "max_queue_wait_ms",
+    "max_output_tokens",
 ];
 
 /// The keys an entry of `kind` may set, common ones included.
@@ -202,6 +203,7 @@ struct RawLlm {
     cpu_threads: Option<usize>,
     prefix_cache: Option<bool>,
     max_queue_wait_ms: Option<u64>,
+    max_output_tokens: Option<usize>,
 }
 
 /// The element type of an LLM's KV cache on the CPU (llama.cpp's `--cache-type-k/-v`).
@@ -317,6 +319,8 @@ pub struct LlmConfig {
     /// Refuse a request at once when the requests waiting ahead would keep it from a place longer
     /// than this (`max_queue_wait_ms`; 0 turns it off).
     pub max_queue_wait: Option<Duration>,
+    /// The most new tokens one request may ask for (more: 400); `None`: the context is the limit.
+    pub max_output_tokens: Option<usize>,
 }
 
 pub const DEFAULT_MAX_RUNNING_SEQUENCES: usize = 16;
@@ -708,6 +712,7 @@ fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(ms)),
         },
+        max_output_tokens: at_least("max_output_tokens", raw.max_output_tokens, 1)?,
     })
 }
 

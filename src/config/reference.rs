@@ -246,6 +246,11 @@ pub const MODEL_LLM: Section = Section {
             "Fewer positions (less KV memory per sequence); at least 16.",
         ),
         key("max_tokens", "until the context is full", "New tokens when a request sets none."),
+        key(
+            "max_output_tokens",
+            "the context",
+            "The most new tokens a request may ask for (`max_tokens` above it: 400); also bounds requests that set none.",
+        ),
         key("max_running_sequences", "`16`", "Sequences decoded together."),
         key("max_batch_tokens", "`512`", "Tokens per decode step (decoded tokens plus prompt chunks)."),
         key(

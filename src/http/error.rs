@@ -367,6 +367,7 @@ impl From<EngineError> for ApiError {
                 Self::InvalidRequest { message, param: Some(subject_param(subject)) }
             }
             EngineError::TooManyTokens { .. } => Self::InvalidRequest { message, param: None },
+            EngineError::TooManyOutputTokens { .. } => Self::invalid(message, "max_tokens"),
             EngineError::ContextLengthExceeded { .. } => {
                 Self::ContextLengthExceeded { message, param: "messages" }
             }

@@ -448,3 +448,26 @@ async fn the_same_model_as_safetensors_serves_the_same_conversation() {
         assert!(answer.contains(expected), "{question} → {answer:?} (the GGUF said {:?})", answers[1].1);
     }
 }
+
+#[tokio::test]
+async fn max_output_tokens_refuses_larger_requests_and_bounds_the_others() {
+    let app = smollm("max_output_tokens = 8").await;
+    let ask = |max_tokens: Option<u32>| {
+        let mut body =
+            json!({"model": "smollm", "messages": [{"role": "user", "content": "Tell me a long story."}]});
+        if let Some(m) = max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        body
+    };
+    app.post("/v1/chat/completions", ask(Some(9))).await.assert_error(
+        axum::http::StatusCode::BAD_REQUEST,
+        Some("max_tokens"),
+        None,
+    );
+    let bounded = app.post("/v1/chat/completions", ask(None)).await;
+    assert_eq!(bounded.status, axum::http::StatusCode::OK, "{}", bounded.text);
+    assert!(bounded.body["usage"]["completion_tokens"].as_u64().unwrap() <= 8, "{}", bounded.text);
+    let within = app.post("/v1/chat/completions", ask(Some(8))).await;
+    assert_eq!(within.status, axum::http::StatusCode::OK, "{}", within.text);
+}

@@ -94,6 +94,10 @@ pub enum EngineError {
     #[error("the request's inputs have more than {max} tokens in all, this model's limit per request")]
     TooManyTokens { max: usize },
 
+    /// `max_tokens` above the model's `max_output_tokens`.
+    #[error("`max_tokens` is {requested}, more than this model's limit of {max} new tokens per request")]
+    TooManyOutputTokens { requested: usize, max: usize },
+
     /// The prompt leaves no room to generate in the model's context.
     #[error(
         "this model's maximum context length is {context_length} tokens, but the prompt has {prompt_tokens} \

@@ -106,6 +106,8 @@ pub struct Generator {
     bos: Option<u32>,
     /// New tokens when a request sets no limit; `None`: until the context is full.
     default_max_tokens: Option<usize>,
+    /// The most new tokens a request may ask for; `None`: the context is the limit.
+    max_output_tokens: Option<usize>,
     vocab_size: usize,
     scheduler: SchedulerHandle,
     admission: Admission,
@@ -118,6 +120,7 @@ pub struct GeneratorParts {
     pub template: Option<ChatTemplate>,
     pub bos: Option<u32>,
     pub default_max_tokens: Option<usize>,
+    pub max_output_tokens: Option<usize>,
     pub scheduler: SchedulerHandle,
     pub admission: Admission,
     pub pool: Arc<BlockingPool>,
@@ -131,6 +134,7 @@ impl Generator {
             template: parts.template,
             bos: parts.bos,
             default_max_tokens: parts.default_max_tokens,
+            max_output_tokens: parts.max_output_tokens,
             vocab_size,
             scheduler: parts.scheduler,
             admission: parts.admission,
@@ -217,8 +221,17 @@ impl Generate for Generator {
         prompt: &PreparedPrompt,
         options: Vec<GenerateOptions>,
     ) -> Result<Vec<GenerationStream>, EngineError> {
+        if let (Some(max), Some(requested)) =
+            (self.max_output_tokens, options.iter().filter_map(|o| o.max_tokens).max())
+        {
+            if requested > max {
+                return Err(EngineError::TooManyOutputTokens { requested, max });
+            }
+        }
         let permit = Arc::new(self.admission.try_admit()?);
-        let room = self.context_length() - prompt.tokens.len();
+        // The context left after the prompt, within the model's output limit.
+        let room =
+            (self.context_length() - prompt.tokens.len()).min(self.max_output_tokens.unwrap_or(usize::MAX));
         options
             .into_iter()
             .map(|option| {
