@@ -1,10 +1,9 @@
 # syntax=docker/dockerfile:1
 # Hearth container image.
 #   CPU:  docker build -t hearth:cpu .
-#   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda \
-#           --build-arg BUILD_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
-#           --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 \
-#           --build-arg CUDA_COMPUTE_CAP=90 .
+#   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda --build-arg CUDA_COMPUTE_CAP=90 .
+#         (the same steps as scripts/build-cuda: NVIDIA's CUDA 13.4 toolchain from PyPI wheels; the
+#         image carries the CUDA runtime libraries, the NVIDIA container runtime adds the driver)
 # OpenTelemetry trace export: add `--build-arg FEATURES=otlp` (or `FEATURES="cuda otlp"`).
 # Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
 # Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
@@ -17,8 +16,7 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${BUILD_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG FEATURES=""
-ARG CUDA_COMPUTE_CAP=""
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
+ARG CUDA_COMPUTE_CAP="90"
 RUN if ! command -v cargo >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
       && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
@@ -26,9 +24,18 @@ RUN if ! command -v cargo >/dev/null; then \
 ENV PATH=/root/.cargo/bin:${PATH}
 WORKDIR /src
 COPY . .
+# With `cuda` in FEATURES, scripts/build-cuda fetches the toolchain and builds (the other features
+# go along); its CUDA runtime libraries are kept for the image.
 RUN --mount=type=cache,target=/root/.cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --features "${FEATURES}" \
+    mkdir -p /out/cuda-lib \
+    && case " ${FEATURES} " in \
+         *" cuda "*) \
+           apt-get update && apt-get install -y --no-install-recommends python3-pip unzip \
+           && HEARTH_HOME=/opt/hearth HEARTH_FEATURES="${FEATURES}" scripts/build-cuda "${CUDA_COMPUTE_CAP}" \
+           && cp -a /opt/hearth/cuda/13.4.3/nvidia/cu13/lib/lib*.so.* /out/cuda-lib/ ;; \
+         *) cargo build --release --locked --features "${FEATURES}" ;; \
+       esac \
     && install -D target/release/hearth /out/hearth
 
 FROM ${RUNTIME_IMAGE}
@@ -37,8 +44,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 --home /var/lib/hearth hearth \
     && install -d -o hearth -g hearth /var/lib/hearth/models
 COPY --from=build /out/hearth /usr/local/bin/hearth
+COPY --from=build /out/cuda-lib/ /usr/local/lib/hearth-cuda/
 COPY config/ /etc/hearth/
-ENV HEARTH_HOST=0.0.0.0 \
+ENV LD_LIBRARY_PATH=/usr/local/lib/hearth-cuda \
+    HEARTH_HOST=0.0.0.0 \
     HEARTH_PORT=8080 \
     HEARTH_MODELS_DIR=/var/lib/hearth/models \
     HEARTH_CONFIG=/etc/hearth/hearth.toml
