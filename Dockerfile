@@ -22,6 +22,9 @@ RUN if ! command -v cargo >/dev/null; then \
       && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
     fi
 ENV PATH=/root/.cargo/bin:${PATH}
+# libopus for Opus audio (ogg and webm uploads), found through pkg-config.
+RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libopus-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # With `cuda` in FEATURES, scripts/build-cuda fetches the toolchain and builds (the other features
@@ -39,7 +42,7 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
     && install -D target/release/hearth /out/hearth
 
 FROM ${RUNTIME_IMAGE}
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libopus0 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/hearth hearth \
     && install -d -o hearth -g hearth /var/lib/hearth/models

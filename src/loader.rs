@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use hearth_backends::decoder::{Decoder, DecoderFiles, DecoderOptions, GgufFile, KvPrecision};
-use hearth_backends::gguf_tokenizer;
 use hearth_backends::llm_vocab::{self, LlmVocab};
+use hearth_backends::{gguf_tokenizer, whisper};
 use hearth_backends::{
     BackendError, CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, LoadedEncoder, ModelDir,
     ModelsRoot,
@@ -24,9 +24,11 @@ use hearth_engine::pool::BlockingPool;
 use hearth_engine::registry::{LoadState, Registry, Served};
 use hearth_engine::rerank::Reranker;
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
+use hearth_engine::transcribe::{Transcriber, TranscriberOptions};
 
 use crate::config::{
-    EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, TextConfig,
+    EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, SttConfig,
+    TextConfig,
 };
 use crate::store::{downloads_allowed, Store};
 
@@ -61,6 +63,7 @@ impl Loader {
     pub async fn load(&self, config: &ModelConfig) -> anyhow::Result<Served> {
         match &config.options {
             KindConfig::Llm(llm) => Ok(Served::Llm(Arc::new(self.generator(config, llm).await?))),
+            KindConfig::Stt(stt) => Ok(Served::Stt(Arc::new(self.transcriber(config, stt).await?))),
             KindConfig::Embedding(encoder) => {
                 let dir = self.inspect(encoder).await?;
                 Ok(Served::Embedding(Arc::new(self.embedder(config, encoder, dir).await?)))
@@ -212,6 +215,37 @@ impl Loader {
             admission: Admission::new(Arc::clone(&config.id), config.max_concurrent_requests),
             pool: Arc::clone(&self.pool),
         }))
+    }
+
+    /// A speech-to-text model: a CTranslate2 Whisper folder, loaded on its owner thread.
+    async fn transcriber(&self, config: &ModelConfig, stt: &SttConfig) -> anyhow::Result<Transcriber> {
+        let dir = self.store.resolve(&stt.weights.source, downloads_allowed()).await?;
+        let root = self.store.root().to_owned();
+        let (device, dtype) = (stt.weights.device, stt.weights.dtype);
+        let options = TranscriberOptions {
+            queue_depth: stt.weights.queue_depth,
+            max_concurrent_requests: config.max_concurrent_requests,
+            max_audio_secs: f64::from(stt.max_audio_secs),
+        };
+        let (id, shown) = (Arc::clone(&config.id), dir.display().to_string());
+        Transcriber::start(Arc::clone(&config.id), options, Arc::clone(&self.pool), move || {
+            let (model, vocab, loaded) = whisper::load(&dir, &ModelsRoot::new(&root)?, device, dtype)?;
+            tracing::info!(
+                model = %id,
+                mels = loaded.dims.n_mels,
+                encoder_layers = loaded.dims.n_audio_layer,
+                decoder_layers = loaded.dims.n_text_layer,
+                width = loaded.dims.n_state,
+                languages = vocab.languages.len(),
+                dtype = ?loaded.dtype,
+                device = %loaded.device,
+                "model loaded"
+            );
+            Ok((model, vocab))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("cannot load model `{}` from {shown}", config.id))
     }
 
     async fn inspect(&self, encoder: &EncoderConfig) -> anyhow::Result<ModelDir> {

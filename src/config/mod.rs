@@ -24,7 +24,8 @@ use toml::Spanned;
 pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
     parse_source, EncoderConfig, KeepAlive, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource,
-    RerankConfig, ScoringChoice, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
+    RerankConfig, ScoringChoice, SttConfig, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
+    DEFAULT_STT_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.
@@ -147,8 +148,22 @@ pub struct ServerConfig {
 }
 
 /// The model routes, whose limits `[server.routes."…"]` may set.
-pub const MODEL_ROUTES: &[&str] =
-    &["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/rerank"];
+pub const MODEL_ROUTES: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+];
+
+/// The routes that take uploads (multipart audio files).
+pub const UPLOAD_ROUTES: &[&str] = &["/v1/audio/transcriptions", "/v1/audio/translations"];
+
+/// The body limit of the upload routes unless `[server.routes]` sets one: OpenAI's 25 MiB per
+/// file, plus room for the form's other fields.
+pub const DEFAULT_UPLOAD_BODY_BYTES: usize = 26 * 1024 * 1024;
 
 /// One route's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +179,11 @@ impl ServerConfig {
     /// The limits of `route` (one of [`MODEL_ROUTES`]).
     pub fn route(&self, route: &str) -> RouteLimits {
         self.routes.get(route).copied().unwrap_or(RouteLimits {
-            max_request_body_bytes: self.max_request_body_bytes,
+            max_request_body_bytes: if UPLOAD_ROUTES.contains(&route) {
+                DEFAULT_UPLOAD_BODY_BYTES
+            } else {
+                self.max_request_body_bytes
+            },
             max_concurrent_requests: self.max_concurrent_requests_per_route,
             request_timeout: None,
         })
@@ -465,7 +484,11 @@ fn route_limits(
                 max_request_body_bytes: positive(
                     &field("max_request_body_bytes"),
                     own.and_then(|o| o.max_request_body_bytes),
-                    server.max_request_body_bytes,
+                    if UPLOAD_ROUTES.contains(&route) {
+                        DEFAULT_UPLOAD_BODY_BYTES
+                    } else {
+                        server.max_request_body_bytes
+                    },
                 )?,
                 max_concurrent_requests: positive(
                     &field("max_concurrent_requests"),
@@ -688,8 +711,12 @@ mod tests {
             &["`models[0].kind`", "has kind `embedding`"],
         );
         check_error(
-            "[[models]]\nid = \"m\"\nkind = \"stt\"\nsource = \"m\"",
-            &["`stt` models are not supported"],
+            "[[models]]\nid = \"m\"\nkind = \"tts\"\nsource = \"m\"",
+            &["`tts` models are not supported"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"stt\"\nsource = \"m\"\nmax_audio_secs = 0",
+            &["`models[0].max_audio_secs`", "at least 1"],
         );
         check_error(
             "[[models]]\nid = \"m\"\nkind = \"embedding\"\nsource = \"hf:just-a-name\"",
@@ -881,6 +908,8 @@ mod tests {
                     "{}",
                     preset.name
                 );
+            } else if preset.kind == ModelKind::Stt {
+                assert_eq!(preset.architecture, "whisper", "{}", preset.name);
             } else {
                 preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
             }

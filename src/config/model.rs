@@ -70,13 +70,20 @@ pub(super) const LLM_KEYS: &[&str] = &[
     "max_output_tokens",
 ];
 
+/// Options of `stt` entries.
+pub(super) const STT_KEYS: &[&str] = &["max_audio_secs"];
+
+/// The longest audio an `stt` model takes by default (30 minutes).
+pub const DEFAULT_MAX_AUDIO_SECS: u32 = 1800;
+
 /// The keys an entry of `kind` may set, common ones included.
 pub(crate) fn allowed_keys(kind: ModelKind) -> Vec<&'static str> {
     let kind_keys: &[&[&str]] = match kind {
         ModelKind::Embedding => &[ENCODER_KEYS],
         ModelKind::Rerank => &[ENCODER_KEYS, RERANK_KEYS],
         ModelKind::Llm => &[LLM_KEYS],
-        ModelKind::Stt | ModelKind::Tts => &[],
+        ModelKind::Stt => &[STT_KEYS],
+        ModelKind::Tts => &[],
     };
     COMMON_KEYS.iter().chain(kind_keys.iter().flat_map(|keys| keys.iter())).copied().collect()
 }
@@ -206,6 +213,12 @@ struct RawLlm {
     max_output_tokens: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStt {
+    max_audio_secs: Option<u32>,
+}
+
 /// The element type of an LLM's KV cache on the CPU (llama.cpp's `--cache-type-k/-v`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -323,12 +336,22 @@ pub struct LlmConfig {
     pub max_output_tokens: Option<usize>,
 }
 
+/// A speech-to-text model (Whisper as a CTranslate2 folder, the faster-whisper format).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SttConfig {
+    pub weights: Weights,
+    /// Longer uploads get 400 (checked from the container's header when it declares a length, so
+    /// an over-long file is refused before it is decoded).
+    pub max_audio_secs: u32,
+}
+
 pub const DEFAULT_MAX_RUNNING_SEQUENCES: usize = 16;
 pub const DEFAULT_LLM_BATCH_TOKENS: usize = 512;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KindConfig {
     Llm(LlmConfig),
+    Stt(SttConfig),
     Embedding(EncoderConfig),
     Rerank(RerankConfig),
 }
@@ -359,6 +382,7 @@ impl ModelConfig {
     pub fn weights(&self) -> Option<&Weights> {
         match &self.options {
             KindConfig::Llm(llm) => Some(&llm.weights),
+            KindConfig::Stt(stt) => Some(&stt.weights),
             KindConfig::Embedding(encoder) | KindConfig::Rerank(RerankConfig::Load { encoder, .. }) => {
                 Some(&encoder.weights)
             }
@@ -432,11 +456,12 @@ pub(super) fn parse_entry(
             ))
         }
     };
-    if !matches!(kind, ModelKind::Llm | ModelKind::Embedding | ModelKind::Rerank) {
+    if kind == ModelKind::Tts {
         return Err(invalid(
             field("kind"),
             format!(
-                "`{kind}` models are not supported by this version yet; supported: `llm`, `embedding`, `rerank`"
+                "`{kind}` models are not supported by this version yet; supported: `llm`, `stt`, `embedding`, \
+                 `rerank`"
             ),
         ));
     }
@@ -486,6 +511,7 @@ pub(super) fn parse_entry(
     let entry = Entry { prefix: &prefix, models_dir, defaults, preset, common };
     let options = match kind {
         ModelKind::Llm => KindConfig::Llm(parse_llm(&entry, read(table, origin, &prefix)?)?),
+        ModelKind::Stt => KindConfig::Stt(parse_stt(&entry, read(table, origin, &prefix)?)?),
         _ => {
             let rerank: RawRerank = read(split_off(&mut table, RERANK_KEYS), origin, &prefix)?;
             let encoder: RawEncoder = read(table, origin, &prefix)?;
@@ -714,6 +740,19 @@ fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
         },
         max_output_tokens: at_least("max_output_tokens", raw.max_output_tokens, 1)?,
     })
+}
+
+/// Files of a CTranslate2 Whisper folder (what faster-whisper downloads).
+pub const DEFAULT_STT_FILES: &[&str] =
+    &["config.json", "model.bin", "tokenizer.json", "vocabulary.*", "preprocessor_config.json"];
+
+fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
+    let max_audio_secs = match raw.max_audio_secs {
+        Some(0) => return Err(invalid(entry.field("max_audio_secs"), "must be at least 1")),
+        Some(secs) => secs,
+        None => DEFAULT_MAX_AUDIO_SECS,
+    };
+    Ok(SttConfig { weights: entry.weights(DEFAULT_STT_FILES)?, max_audio_secs })
 }
 
 /// Entries that use another entry's model must name an existing `embedding` entry with weights of

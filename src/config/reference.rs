@@ -101,9 +101,13 @@ pub const SERVER: Section = Section {
 
 pub const ROUTES: Section = Section {
     table: "[server.routes.\"ROUTE\"]",
-    intro: "One model route's own limits; ROUTE is `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/rerank` or `/rerank`. Unset keys take the `[server]` values.",
+    intro: "One model route's own limits; ROUTE is `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/rerank`, `/rerank`, `/v1/audio/transcriptions` or `/v1/audio/translations`. Unset keys take the `[server]` values.",
     keys: &[
-        key("max_request_body_bytes", "`max_request_body_bytes`", "Larger bodies get 413."),
+        key(
+            "max_request_body_bytes",
+            "`max_request_body_bytes`; `27262976` (26 MiB) for the audio routes",
+            "Larger bodies get 413 (for the audio routes this is the upload limit: OpenAI's 25 MiB per file, plus the form).",
+        ),
         key(
             "max_concurrent_requests",
             "`max_concurrent_requests_per_route`",
@@ -170,7 +174,7 @@ pub const MODEL_COMMON: Section = Section {
     intro: "One table per served model; a preset's `[defaults]` fill in what the entry does not set. Models change on SIGHUP.",
     keys: &[
         key("id", "required", "The name clients send as `model`: letters, digits and `._:/-`."),
-        key("kind", "the preset's", "`llm`, `embedding` or `rerank`."),
+        key("kind", "the preset's", "`llm`, `stt`, `embedding` or `rerank`."),
         key("preset", "–", "A catalogue entry (`hearth models list`) giving the source, files and default options."),
         key(
             "source",
@@ -179,7 +183,7 @@ pub const MODEL_COMMON: Section = Section {
         ),
         key("files", "the kind's defaults", "Glob patterns of the hub files to fetch (`hf:` sources only)."),
         key("device", "`\"auto\"`", "`auto` (CUDA, then Metal, then CPU), `cpu`, `cuda`, `cuda:N`, `metal`."),
-        key("dtype", "`\"auto\"`", "Encoders: `auto` (f32 on CPU, f16 on GPUs), `f32`, `f16`, `bf16`."),
+        key("dtype", "`\"auto\"`", "Encoders and `stt`: `auto` (f32 on CPU, f16 on GPUs), `f32`, `f16`, `bf16`."),
         key("max_concurrent_requests", "the `[server]` value", "Requests admitted at once; more get 429."),
         key("queue_depth", "the `[server]` value", "Requests waiting for the model; more get 429."),
         key("keep_alive", "the `[server]` value", "Unload after this long without requests; the next request loads it again."),
@@ -269,6 +273,16 @@ pub const MODEL_LLM: Section = Section {
     ],
 };
 
+pub const MODEL_STT: Section = Section {
+    table: "[[models]] (`stt`)",
+    intro: "Whisper as a CTranslate2 folder (the faster-whisper format: `model.bin`, `config.json`, `tokenizer.json`).",
+    keys: &[key(
+        "max_audio_secs",
+        "`1800`",
+        "Longer uploads get 400 `audio_too_long` (from the container's declared length when it has one, before decoding).",
+    )],
+};
+
 pub const SECTIONS: &[&Section] = &[
     &TOP,
     &SERVER,
@@ -280,6 +294,7 @@ pub const SECTIONS: &[&Section] = &[
     &MODEL_ENCODER,
     &MODEL_RERANK,
     &MODEL_LLM,
+    &MODEL_STT,
 ];
 
 /// The reference as Markdown (what `hearth config reference` prints).
@@ -377,6 +392,7 @@ mod tests {
         assert_eq!(names(&MODEL_ENCODER), set(model::ENCODER_KEYS));
         assert_eq!(names(&MODEL_RERANK), set(model::RERANK_KEYS));
         assert_eq!(names(&MODEL_LLM), set(model::LLM_KEYS));
+        assert_eq!(names(&MODEL_STT), set(model::STT_KEYS));
     }
 
     #[test]

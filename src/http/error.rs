@@ -32,8 +32,18 @@ pub enum ApiError {
         message: String,
         param: String,
     },
+    /// An upload that is not usable audio (400, `param: file`); `code` names the problem
+    /// (`corrupt_audio`, `audio_too_long`, …).
+    InvalidAudio {
+        message: String,
+        code: &'static str,
+    },
     /// A body that is not JSON (415); `None`: no `Content-Type` at all.
     UnsupportedMediaType {
+        content_type: Option<String>,
+    },
+    /// An upload route's body that is not `multipart/form-data` (415).
+    NotMultipart {
         content_type: Option<String>,
     },
     /// A `Host` that is not this server's, while it listens on loopback (DNS rebinding, 403).
@@ -69,6 +79,10 @@ pub enum ApiError {
     Overloaded {
         message: String,
         retry_after: Duration,
+    },
+    /// A browser page's `Origin` that the CORS settings do not allow, on a form route (403).
+    OriginNotAllowed {
+        origin: String,
     },
     /// An admin endpoint without an admin key, or on an open server off loopback (403).
     AdminOnly {
@@ -116,11 +130,16 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. }
+            | Self::InvalidAudio { .. }
             | Self::WrongModelKind { .. }
             | Self::ContextLengthExceeded { .. }
             | Self::Unsupported { .. } => StatusCode::BAD_REQUEST,
-            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::HostNotAllowed { .. } | Self::AdminOnly { .. } => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType { .. } | Self::NotMultipart { .. } => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            Self::HostNotAllowed { .. } | Self::AdminOnly { .. } | Self::OriginNotAllowed { .. } => {
+                StatusCode::FORBIDDEN
+            }
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
@@ -146,8 +165,12 @@ impl ApiError {
 
     fn code(&self) -> Option<&'static str> {
         match self {
-            Self::InvalidRequest { .. } | Self::UnsupportedMediaType { .. } => None,
+            Self::InvalidRequest { .. } | Self::UnsupportedMediaType { .. } | Self::NotMultipart { .. } => {
+                None
+            }
+            Self::InvalidAudio { code, .. } => Some(code),
             Self::HostNotAllowed { .. } => Some("host_not_allowed"),
+            Self::OriginNotAllowed { .. } => Some("origin_not_allowed"),
             Self::ContextLengthExceeded { .. } => Some("context_length_exceeded"),
             Self::Unsupported { .. } => Some("unsupported_parameter"),
             Self::PayloadTooLarge { .. } => Some("request_too_large"),
@@ -173,6 +196,7 @@ impl ApiError {
             Self::InvalidRequest { param, .. } => param.clone(),
             Self::ContextLengthExceeded { param, .. } => Some(param.to_string()),
             Self::Unsupported { param, .. } => Some(param.clone()),
+            Self::InvalidAudio { .. } => Some("file".into()),
             Self::ModelNotFound { .. } | Self::WrongModelKind { .. } => Some("model".into()),
             _ => None,
         }
@@ -183,7 +207,15 @@ impl ApiError {
             Self::InvalidRequest { message, .. }
             | Self::Overloaded { message, .. }
             | Self::ContextLengthExceeded { message, .. }
+            | Self::InvalidAudio { message, .. }
             | Self::Unsupported { message, .. } => message.clone(),
+            Self::NotMultipart { content_type } => format!(
+                "{} is not supported here; send the file as `multipart/form-data` (the OpenAI SDKs do)",
+                match content_type {
+                    Some(content_type) => format!("Content-Type `{content_type}`"),
+                    None => "A request without a Content-Type".into(),
+                }
+            ),
             Self::UnsupportedMediaType { content_type: Some(content_type) } => {
                 format!(
                     "Content-Type `{content_type}` is not supported; send `Content-Type: application/json`"
@@ -199,6 +231,10 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => {
                 format!("The request body is larger than this server's limit of {limit} bytes")
             }
+            Self::OriginNotAllowed { origin } => format!(
+                "Requests from web pages at `{origin}` are not allowed: add the origin to \
+                 `server.cors_allowed_origins` to let that page use this server"
+            ),
             Self::UnknownRoute { method, path } => format!("Invalid URL ({method} {path})"),
             Self::MethodNotAllowed { method, path } => format!("Method {method} is not allowed on {path}"),
             Self::ModelNotFound { model } => format!("The model `{model}` does not exist"),
@@ -384,6 +420,7 @@ impl From<EngineError> for ApiError {
             EngineError::PreprocessingBusy { .. } => {
                 Self::Overloaded { message, retry_after: Duration::from_secs(1) }
             }
+            EngineError::Audio(audio) => Self::InvalidAudio { message, code: audio.code() },
             EngineError::ShuttingDown { .. } => Self::ShuttingDown,
             EngineError::ModelFailed { model } => Self::ModelNotReady { model, failed: true },
             EngineError::Backend { .. } | EngineError::Internal { .. } => Self::Internal { cause: message },

@@ -3,6 +3,7 @@
 //! OpenAI-shaped errors for everything.
 
 pub mod admin;
+pub mod audio;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
@@ -122,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", limited(server, "/v1/embeddings", embeddings::create))
         .route("/v1/rerank", limited(server, "/v1/rerank", rerank::create))
         .route("/rerank", limited(server, "/rerank", rerank::create))
+        .route("/v1/audio/transcriptions", limited(server, "/v1/audio/transcriptions", audio::transcriptions))
+        .route("/v1/audio/translations", limited(server, "/v1/audio/translations", audio::translations))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
         .route("/v1/models/{*id}", get(models::retrieve))

@@ -30,6 +30,7 @@ OFFLINE_CONFIG = REPO_ROOT / "config" / "offline.toml"
 EMBED_MODEL = "all-minilm-l6-v2"
 RERANK_MODEL = "all-minilm-l6-v2-rerank"
 LLM_MODEL = "smollm2-135m-instruct"
+STT_MODEL = "whisper-base"
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 
@@ -227,7 +228,7 @@ def log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(log_dir) -> HearthServer:
-    """The session's server: config/offline.toml (SmolLM2 chat, MiniLM embeddings and bi-encoder rerank)."""
+    """The session's server: config/offline.toml (SmolLM2 chat, Whisper base speech to text, MiniLM embeddings and bi-encoder rerank)."""
     srv = launch(
         "offline",
         lambda port: ["serve", "--config", str(OFFLINE_CONFIG), "--port", str(port), "--log-format", "json"],

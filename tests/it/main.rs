@@ -1,8 +1,9 @@
 //! Hearth's integration tests: the real router, real config parsing and real (tiny) models, driven
 //! without sockets. `--features real-weights` adds the tests on the real all-MiniLM-L6-v2 and
-//! SmolLM2-135M-Instruct weights installed by `scripts/fetch-models`.
+//! SmolLM2-135M-Instruct and Whisper base weights installed by `scripts/fetch-models`.
 
 mod api_errors;
+mod audio_api;
 mod auth;
 mod embeddings;
 mod fuzz;
@@ -13,6 +14,8 @@ mod operations;
 mod real_llm;
 #[cfg(feature = "real-weights")]
 mod real_weights;
+#[cfg(feature = "real-weights")]
+mod real_whisper;
 mod rerank;
 mod security;
 mod support;

@@ -166,3 +166,34 @@ pub fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32) {
         assert!((a - e).abs() <= tolerance, "[{i}]: {a} vs {e}");
     }
 }
+
+const BOUNDARY: &str = "hearth-test-boundary-7f3a";
+
+/// A `multipart/form-data` body with the text `fields`, then `file` (name, bytes) when given.
+pub fn form(file: Option<(&str, &[u8])>, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Some((filename, bytes)) = file {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+/// POSTs a [`form`] body.
+pub async fn post_form(app: &App, path: &str, body: Vec<u8>) -> Reply {
+    app.post_raw(path, body, Some(&format!("multipart/form-data; boundary={BOUNDARY}"))).await
+}

@@ -518,7 +518,7 @@ impl KvElem for f16 {
     }
 }
 
-fn kernels_available() -> bool {
+pub(crate) fn kernels_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2")
@@ -578,7 +578,7 @@ fn attend_head<T: KvElem>(
 
 /// `x ← e^(x − max)` for soft-max weights (arguments ≤ 0), eight at a time where AVX2 is there. Both
 /// paths run [`exp_nonpositive`]'s steps, so they agree bit for bit.
-fn exp_shifted(values: &mut [f32], max: f32, simd: bool) {
+pub(crate) fn exp_shifted(values: &mut [f32], max: f32, simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is set only when AVX2, FMA and F16C are available.
@@ -598,7 +598,8 @@ const EXP_MIN: f32 = -87.0;
 
 /// e^x for x ≤ 0: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor series to r⁶ (relative error
 /// below 2e-7), times 2ⁿ built in the exponent bits.
-fn exp_nonpositive(x: f32) -> f32 {
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     if x < EXP_MIN {
         return 0.0;
     }

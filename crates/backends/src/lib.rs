@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod bert;
 pub mod bert_family;
+pub mod cpu_ops;
 pub mod decoder;
 pub mod decoder_source;
 pub mod device;
@@ -13,6 +14,7 @@ pub mod gguf_tokenizer;
 pub mod llm_vocab;
 pub mod model_dir;
 pub mod quant;
+pub mod whisper;
 
 pub use bert_family::{CandleCrossEncoder, CandleEmbedder, EncoderOptions, LoadedEncoder};
 pub use error::BackendError;

@@ -133,6 +133,10 @@ pub enum EngineError {
     #[error("model `{model}` failed: {message}")]
     Backend { model: Arc<str>, message: String },
 
+    /// An upload that is not usable audio (the message names the problem).
+    #[error("{0}")]
+    Audio(hearth_audio::AudioError),
+
     /// The model's owner thread has died; it is being reloaded.
     #[error("model `{model}` has failed and is being restarted")]
     ModelFailed { model: Arc<str> },

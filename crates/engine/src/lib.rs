@@ -16,6 +16,7 @@ pub mod queue;
 pub mod registry;
 pub mod rerank;
 pub mod tokenize;
+pub mod transcribe;
 pub mod vector;
 
 pub use error::{BoxError, EngineError, Subject};

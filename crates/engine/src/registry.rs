@@ -13,10 +13,12 @@ use crate::embed::Embedder;
 use crate::generate::service::Generator;
 use crate::kind::ModelKind;
 use crate::rerank::Reranker;
+use crate::transcribe::Transcriber;
 
 /// A loaded model, by capability.
 pub enum Served {
     Llm(Arc<Generator>),
+    Stt(Arc<Transcriber>),
     Embedding(Arc<Embedder>),
     Rerank(Reranker),
 }
@@ -25,6 +27,7 @@ impl Served {
     pub fn kind(&self) -> ModelKind {
         match self {
             Self::Llm(_) => ModelKind::Llm,
+            Self::Stt(_) => ModelKind::Stt,
             Self::Embedding(_) => ModelKind::Embedding,
             Self::Rerank(_) => ModelKind::Rerank,
         }
@@ -34,6 +37,7 @@ impl Served {
     pub fn in_flight(&self) -> usize {
         match self {
             Self::Llm(g) => g.in_flight(),
+            Self::Stt(t) => t.in_flight(),
             Self::Embedding(e) => e.in_flight(),
             Self::Rerank(r) => r.in_flight(),
         }
@@ -43,6 +47,7 @@ impl Served {
     pub fn is_alive(&self) -> bool {
         match self {
             Self::Llm(g) => g.scheduler().is_alive(),
+            Self::Stt(t) => t.is_alive(),
             Self::Embedding(e) => e.service().worker.is_alive(),
             Self::Rerank(r) => r.is_alive(),
         }
@@ -52,6 +57,7 @@ impl Served {
     pub async fn failed(&self) {
         match self {
             Self::Llm(g) => g.scheduler().failed().await,
+            Self::Stt(t) => t.failed().await,
             Self::Embedding(e) => e.service().worker.failed().await,
             Self::Rerank(r) => r.failed().await,
         }
@@ -77,6 +83,7 @@ impl Served {
         };
         match self {
             Self::Llm(g) => stop(&|d| g.scheduler().begin_shutdown(d), &|d| g.scheduler().shutdown(d)),
+            Self::Stt(t) => stop(&|d| t.begin_shutdown(d), &|d| t.shutdown(d)),
             Self::Embedding(e) | Self::Rerank(Reranker::BiEncoder { embedder: e, .. }) => {
                 let worker = &e.service().worker;
                 stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))

@@ -1,0 +1,453 @@
+//! Whisper's encoder and decoder in candle, with a self-attention KV cache (each decoded token
+//! costs one position, not the whole prefix) and the audio's cross-attention keys and values
+//! computed once per window. Weights come from a CTranslate2 folder (faster-whisper's format,
+//! [`ct2`]); the decoding rules (timestamps, fallback, language detection) live in the engine,
+//! which drives this through [`SpeechModel`].
+
+pub mod ct2;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{LayerNorm, Linear};
+use hearth_engine::transcribe::{SpeechModel, WhisperConfig, WhisperVocab};
+
+use crate::device::{resolved_device, select_device, select_dtype};
+use crate::{BackendError, ModelsRoot};
+use ct2::Ct2Model;
+
+/// Frames of log-mel in one 30 s window, and encoder positions after the stride-2 convolution.
+pub const WINDOW_FRAMES: usize = 3000;
+
+/// Whisper's sizes, read from the weights themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WhisperDims {
+    pub n_mels: usize,
+    pub n_audio_ctx: usize,
+    pub n_state: usize,
+    pub n_audio_head: usize,
+    pub n_audio_layer: usize,
+    pub n_text_ctx: usize,
+    pub n_text_head: usize,
+    pub n_text_layer: usize,
+    pub n_vocab: usize,
+}
+
+struct SelfAttention {
+    /// Fused query/key/value projection ([3d, d]; CTranslate2 keeps the key's zero bias).
+    qkv: Linear,
+    out: Linear,
+}
+
+struct CrossAttention {
+    query: Linear,
+    /// Fused key/value projection of the encoder output ([2d, d]).
+    kv: Linear,
+    out: Linear,
+}
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        project(&self.fc2, &crate::cpu_ops::gelu_erf(&project(&self.fc1, x)?)?)
+    }
+}
+
+struct EncoderBlock {
+    attn_ln: LayerNorm,
+    attn: SelfAttention,
+    mlp_ln: LayerNorm,
+    mlp: Mlp,
+}
+
+struct DecoderBlock {
+    attn_ln: LayerNorm,
+    attn: SelfAttention,
+    cross_ln: LayerNorm,
+    cross: CrossAttention,
+    mlp_ln: LayerNorm,
+    mlp: Mlp,
+}
+
+/// The decoder's per-layer state for the current window.
+struct LayerCache {
+    /// Cross-attention keys and values of the encoded audio, `[heads, n_audio_ctx, d_head]`.
+    audio_k: Tensor,
+    audio_v: Tensor,
+    /// Self-attention keys and values of the tokens so far, `[heads, n_past, d_head]`.
+    self_kv: Option<(Tensor, Tensor)>,
+}
+
+pub struct CandleWhisper {
+    dims: WhisperDims,
+    device: Device,
+    dtype: DType,
+    conv1: (Tensor, Tensor),
+    conv2: (Tensor, Tensor),
+    audio_positions: Tensor,
+    encoder: Vec<EncoderBlock>,
+    encoder_ln: LayerNorm,
+    token_embedding: Tensor,
+    text_positions: Tensor,
+    decoder: Vec<DecoderBlock>,
+    decoder_ln: LayerNorm,
+    cache: Vec<LayerCache>,
+    n_past: usize,
+}
+
+fn split_heads(x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (t, d) = x.dims2()?;
+    x.reshape((t, heads, d / heads))?.transpose(0, 1)?.contiguous()
+}
+
+fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (h, t, dh) = x.dims3()?;
+    x.transpose(0, 1)?.contiguous()?.reshape((t, h * dh))
+}
+
+/// `x · wᵀ + b`, on the host for a decoder's few rows (no packing of the weights per call).
+fn project(linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::cpu_ops::linear_rows(x, linear.weight(), linear.bias())? {
+        Some(y) => Ok(y),
+        None => linear.forward(x),
+    }
+}
+
+/// Query rows per block of attention scores: a block's f32 scores (`heads × rows × keys`) stay a
+/// few MiB (8 heads × 128 rows × 1500 keys: 6 MiB), so the encoder's 1500-row attention neither
+/// holds a 72 MiB score matrix nor page-faults a fresh one in per layer.
+const ATTENTION_BLOCK_ROWS: usize = 128;
+
+/// softmax(q kᵀ / √d_head + mask) v over `[heads, t, d_head]` tensors, the soft-max in f32, in
+/// blocks of [`ATTENTION_BLOCK_ROWS`] query rows.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, causal_offset: Option<usize>) -> candle_core::Result<Tensor> {
+    let d_head = q.dim(D::Minus1)?;
+    let scale = 1.0 / (d_head as f64).sqrt();
+    if let Some(out) = crate::cpu_ops::attend_rows(q, k, v, scale as f32, causal_offset)? {
+        return Ok(out);
+    }
+    let dtype = q.dtype();
+    // Scaling the queries costs t × d, scaling the scores t × s.
+    let q = (q * scale)?;
+    let k_t = k.t()?;
+    let (t, s) = (q.dim(1)?, k.dim(1)?);
+    let block = |start: usize, rows: usize| -> candle_core::Result<Tensor> {
+        let scores = q.narrow(1, start, rows)?.matmul(&k_t)?.to_dtype(DType::F32)?;
+        let scores = match causal_offset {
+            Some(offset) if t > 1 => {
+                // Query i sits at position offset + i and may see keys 0..=offset + i.
+                let mask: Vec<f32> = (start..start + rows)
+                    .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+                    .collect();
+                scores.broadcast_add(&Tensor::from_vec(mask, (1, rows, s), scores.device())?)?
+            }
+            _ => scores,
+        };
+        crate::cpu_ops::softmax_last_dim(&scores)?.to_dtype(dtype)?.matmul(v)
+    };
+    if t <= ATTENTION_BLOCK_ROWS {
+        return block(0, t);
+    }
+    let blocks = (0..t)
+        .step_by(ATTENTION_BLOCK_ROWS)
+        .map(|start| block(start, ATTENTION_BLOCK_ROWS.min(t - start)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&blocks, 1)
+}
+
+impl SelfAttention {
+    /// Attention of `x` (`[t, d]`) over itself plus `past` keys/values; returns the output and
+    /// the keys/values including `x`'s.
+    fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+        past: Option<&(Tensor, Tensor)>,
+        causal: bool,
+    ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
+        let d = x.dim(1)?;
+        let qkv = project(&self.qkv, x)?;
+        let q = split_heads(&qkv.narrow(1, 0, d)?, heads)?;
+        let k = split_heads(&qkv.narrow(1, d, d)?, heads)?;
+        let v = split_heads(&qkv.narrow(1, 2 * d, d)?, heads)?;
+        let (k, v, offset) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?, pk.dim(1)?),
+            None => (k, v, 0),
+        };
+        let out = attend(&q, &k, &v, causal.then_some(offset))?;
+        Ok((project(&self.out, &merge_heads(&out)?)?, (k, v)))
+    }
+}
+
+impl CandleWhisper {
+    /// Loads a CTranslate2 Whisper folder (`model.bin` with spec `WhisperSpec`).
+    pub fn load_ct2(dir: &Path, device: Device, dtype: DType) -> Result<Self, BackendError> {
+        let model = Ct2Model::read(&dir.join("model.bin"))?;
+        if model.spec != "WhisperSpec" {
+            return Err(BackendError::Unsupported(format!(
+                "{}: the CTranslate2 model is a {}, not a WhisperSpec",
+                dir.display(),
+                model.spec
+            )));
+        }
+        let t = |name: &str| model.tensor(name, dtype, &device);
+        let linear = |prefix: &str| -> Result<Linear, BackendError> {
+            let bias = if model.contains(&format!("{prefix}/bias")) {
+                Some(t(&format!("{prefix}/bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::new(t(&format!("{prefix}/weight"))?, bias))
+        };
+        let norm = |prefix: &str| -> Result<LayerNorm, BackendError> {
+            Ok(LayerNorm::new(t(&format!("{prefix}/gamma"))?, t(&format!("{prefix}/beta"))?, 1e-5))
+        };
+        let count_layers = |side: &str| {
+            (0..).take_while(|i| model.contains(&format!("{side}/layer_{i}/ffn/linear_0/weight"))).count()
+        };
+        let conv1_w = t("encoder/conv1/weight")?;
+        let token_embedding = t("decoder/embeddings/weight")?;
+        let audio_positions = t("encoder/position_encodings/encodings")?;
+        let text_positions = t("decoder/position_encodings/encodings")?;
+        let dims = WhisperDims {
+            n_mels: conv1_w.dim(1)?,
+            n_audio_ctx: audio_positions.dim(0)?,
+            n_state: audio_positions.dim(1)?,
+            n_audio_head: model.scalar("encoder/num_heads")? as usize,
+            n_audio_layer: count_layers("encoder"),
+            n_text_ctx: text_positions.dim(0)?,
+            n_text_head: model.scalar("decoder/num_heads")? as usize,
+            n_text_layer: count_layers("decoder"),
+            n_vocab: token_embedding.dim(0)?,
+        };
+        if dims.n_audio_ctx * 2 != WINDOW_FRAMES || dims.n_audio_head == 0 || dims.n_text_head == 0 {
+            return Err(BackendError::Unsupported(format!(
+                "{}: unexpected Whisper sizes {dims:?}",
+                dir.display()
+            )));
+        }
+        let mlp = |prefix: &str| -> Result<Mlp, BackendError> {
+            Ok(Mlp {
+                fc1: linear(&format!("{prefix}/linear_0"))?,
+                fc2: linear(&format!("{prefix}/linear_1"))?,
+            })
+        };
+        let encoder = (0..dims.n_audio_layer)
+            .map(|i| {
+                let p = format!("encoder/layer_{i}");
+                Ok(EncoderBlock {
+                    attn_ln: norm(&format!("{p}/self_attention/layer_norm"))?,
+                    attn: SelfAttention {
+                        qkv: linear(&format!("{p}/self_attention/linear_0"))?,
+                        out: linear(&format!("{p}/self_attention/linear_1"))?,
+                    },
+                    mlp_ln: norm(&format!("{p}/ffn/layer_norm"))?,
+                    mlp: mlp(&format!("{p}/ffn"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let decoder = (0..dims.n_text_layer)
+            .map(|i| {
+                let p = format!("decoder/layer_{i}");
+                Ok(DecoderBlock {
+                    attn_ln: norm(&format!("{p}/self_attention/layer_norm"))?,
+                    attn: SelfAttention {
+                        qkv: linear(&format!("{p}/self_attention/linear_0"))?,
+                        out: linear(&format!("{p}/self_attention/linear_1"))?,
+                    },
+                    cross_ln: norm(&format!("{p}/attention/layer_norm"))?,
+                    cross: CrossAttention {
+                        query: linear(&format!("{p}/attention/linear_0"))?,
+                        kv: linear(&format!("{p}/attention/linear_1"))?,
+                        out: linear(&format!("{p}/attention/linear_2"))?,
+                    },
+                    mlp_ln: norm(&format!("{p}/ffn/layer_norm"))?,
+                    mlp: mlp(&format!("{p}/ffn"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        Ok(CandleWhisper {
+            dims,
+            conv1: (conv1_w, t("encoder/conv1/bias")?),
+            conv2: (t("encoder/conv2/weight")?, t("encoder/conv2/bias")?),
+            audio_positions,
+            encoder,
+            encoder_ln: norm("encoder/layer_norm")?,
+            token_embedding,
+            text_positions,
+            decoder,
+            decoder_ln: norm("decoder/layer_norm")?,
+            cache: Vec::new(),
+            n_past: 0,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn dims(&self) -> WhisperDims {
+        self.dims
+    }
+
+    /// The encoder's output for one window of log-mel (`[n_mels × 3000]`), `[1500, d]`.
+    pub fn encoder_output(&self, mel: &[f32]) -> candle_core::Result<Tensor> {
+        let mel = Tensor::from_slice(mel, (1, self.dims.n_mels, WINDOW_FRAMES), &self.device)?
+            .to_dtype(self.dtype)?;
+        let x = mel.conv1d(&self.conv1.0, 1, 1, 1, 1)?.broadcast_add(&self.conv1.1.reshape((1, (), 1))?)?;
+        let x = crate::cpu_ops::gelu_erf(&x)?;
+        let x = x.conv1d(&self.conv2.0, 1, 2, 1, 1)?.broadcast_add(&self.conv2.1.reshape((1, (), 1))?)?;
+        let x = crate::cpu_ops::gelu_erf(&x)?;
+        let mut x = x.squeeze(0)?.t()?.broadcast_add(&self.audio_positions)?;
+        for block in &self.encoder {
+            let (attn, _) =
+                block.attn.forward(&block.attn_ln.forward(&x)?, self.dims.n_audio_head, None, false)?;
+            x = (x + attn)?;
+            x = (&x + block.mlp.forward(&block.mlp_ln.forward(&x)?)?)?;
+        }
+        self.encoder_ln.forward(&x)
+    }
+
+    fn set_audio(&mut self, audio: &Tensor) -> candle_core::Result<()> {
+        let d = self.dims.n_state;
+        self.cache = self
+            .decoder
+            .iter()
+            .map(|block| {
+                let kv = block.cross.kv.forward(audio)?;
+                Ok(LayerCache {
+                    audio_k: split_heads(&kv.narrow(1, 0, d)?, self.dims.n_text_head)?,
+                    audio_v: split_heads(&kv.narrow(1, d, d)?, self.dims.n_text_head)?,
+                    self_kv: None,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        self.n_past = 0;
+        Ok(())
+    }
+
+    fn decoder_step(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        let t = tokens.len();
+        if self.n_past + t > self.dims.n_text_ctx {
+            candle_core::bail!(
+                "the decoder context holds {} tokens, asked for {}",
+                self.dims.n_text_ctx,
+                self.n_past + t
+            );
+        }
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self
+            .token_embedding
+            .index_select(&ids, 0)?
+            .broadcast_add(&self.text_positions.narrow(0, self.n_past, t)?)?;
+        let heads = self.dims.n_text_head;
+        for (block, cache) in self.decoder.iter().zip(self.cache.iter_mut()) {
+            let (attn, kv) =
+                block.attn.forward(&block.attn_ln.forward(&x)?, heads, cache.self_kv.as_ref(), true)?;
+            cache.self_kv = Some(kv);
+            x = (x + attn)?;
+            let q = split_heads(&project(&block.cross.query, &block.cross_ln.forward(&x)?)?, heads)?;
+            let cross = attend(&q, &cache.audio_k, &cache.audio_v, None)?;
+            x = (&x + project(&block.cross.out, &merge_heads(&cross)?)?)?;
+            x = (&x + block.mlp.forward(&block.mlp_ln.forward(&x)?)?)?;
+        }
+        self.n_past += t;
+        let last = self.decoder_ln.forward(&x.narrow(0, t - 1, 1)?)?;
+        let logits = match crate::cpu_ops::linear_rows(&last, &self.token_embedding, None)? {
+            Some(logits) => logits,
+            None => last.matmul(&self.token_embedding.t()?)?,
+        };
+        let logits = logits.to_dtype(DType::F32)?;
+        logits.flatten_all()?.to_vec1()
+    }
+}
+
+/// A CTranslate2 Whisper folder as faster-whisper reads it: `model.bin`, `config.json` (suppress
+/// lists, language ids, alignment heads) and `tokenizer.json`.
+pub fn load_ct2_folder(
+    dir: &Path,
+    device: Device,
+    dtype: DType,
+) -> Result<(CandleWhisper, WhisperVocab), BackendError> {
+    let config_path = dir.join("config.json");
+    let config: WhisperConfig = match std::fs::read(&config_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|source| BackendError::Json { path: config_path, source })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => WhisperConfig::default(),
+        Err(source) => return Err(BackendError::Io { path: config_path, source }),
+    };
+    let tokenizer_path = dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(BackendError::Missing { dir: dir.into(), what: "tokenizer.json".into() });
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|error| BackendError::Unsupported(format!("{}: {error}", tokenizer_path.display())))?;
+    let vocab = WhisperVocab::new(tokenizer, &config)
+        .map_err(|why| BackendError::Unsupported(format!("{}: {why}", tokenizer_path.display())))?;
+    let model = CandleWhisper::load_ct2(dir, device, dtype)?;
+    Ok((model, vocab))
+}
+
+impl SpeechModel for CandleWhisper {
+    fn n_mels(&self) -> usize {
+        self.dims.n_mels
+    }
+
+    fn n_text_ctx(&self) -> usize {
+        self.dims.n_text_ctx
+    }
+
+    fn encode(&mut self, mel: &[f32]) -> Result<(), hearth_engine::BoxError> {
+        let audio = self.encoder_output(mel)?;
+        self.set_audio(&audio)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for cache in &mut self.cache {
+            cache.self_kv = None;
+        }
+        self.n_past = 0;
+    }
+
+    fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, hearth_engine::BoxError> {
+        if self.cache.is_empty() {
+            return Err("decode before encode".into());
+        }
+        if tokens.is_empty() {
+            return Err("decode of no tokens".into());
+        }
+        Ok(self.decoder_step(tokens)?)
+    }
+}
+
+/// What the loader logs about a loaded Whisper.
+#[derive(Debug, Clone)]
+pub struct LoadedWhisper {
+    pub dims: WhisperDims,
+    pub device: hearth_engine::Device,
+    pub dtype: DType,
+}
+
+/// Loads the CTranslate2 Whisper folder `dir`, which must lie inside `root` (as must the files it
+/// reads), on the configured device and dtype (`auto`: f32 on the CPU, f16 on GPUs).
+pub fn load(
+    dir: &Path,
+    root: &ModelsRoot,
+    device: hearth_engine::Device,
+    dtype: hearth_engine::DType,
+) -> Result<(CandleWhisper, WhisperVocab, LoadedWhisper), BackendError> {
+    let missing = |what: &str| BackendError::Missing { dir: dir.to_owned(), what: what.into() };
+    let dir = root.existing(dir)?.ok_or_else(|| missing("anything (it does not exist)"))?;
+    for name in ["model.bin", "tokenizer.json"] {
+        root.join(&dir, name)?.filter(|p| p.is_file()).ok_or_else(|| missing(name))?;
+    }
+    root.join(&dir, "config.json")?;
+    let candle_device = select_device(device)?;
+    let dtype = select_dtype(dtype, &candle_device);
+    let (model, vocab) = load_ct2_folder(&dir, candle_device, dtype)?;
+    let loaded = LoadedWhisper { dims: model.dims, device: resolved_device(&model.device), dtype };
+    Ok((model, vocab, loaded))
+}
