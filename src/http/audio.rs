@@ -73,6 +73,8 @@ struct AudioForm {
     temperature: Option<f32>,
     response_format: ResponseFormat,
     words: bool,
+    /// `segments` in `verbose_json`: unless only `word` granularity was asked for.
+    segments: bool,
     stream: bool,
 }
 
@@ -90,7 +92,7 @@ async fn handle(
     request: Request,
     task: Task,
 ) -> Response {
-    let form = match read_form(&state, request, task).await {
+    let mut form = match read_form(&state, request, task).await {
         Ok(form) => form,
         Err(error) => return error.into_response(),
     };
@@ -120,12 +122,13 @@ async fn handle(
                 }
             },
         };
-        let audio = form.file.ok_or_else(|| ApiError::invalid("`file` is required", "file"))?;
+        let audio = form.file.take().ok_or_else(|| ApiError::invalid("`file` is required", "file"))?;
         let options = DecodeOptions {
             language,
             task,
-            prompt: form.prompt,
+            prompt: form.prompt.take(),
             temperature: form.temperature.unwrap_or(0.0),
+            word_timestamps: form.words,
             ..DecodeOptions::default()
         };
         let (sender, receiver) = match form.stream {
@@ -141,7 +144,7 @@ async fn handle(
         }
         let transcript = transcriber.transcribe(request).await?;
         caller.charge(transcript.segments.iter().map(|s| s.tokens.len()).sum());
-        Ok(render(&transcript, form.response_format, task))
+        Ok(render(&transcript, &form, task))
     }
     .await;
     labelled(&state, &model, result)
@@ -171,6 +174,7 @@ async fn read_form(state: &AppState, request: Request, task: Task) -> Result<Aud
         temperature: None,
         response_format: ResponseFormat::default(),
         words: false,
+        segments: true,
         stream: false,
     };
     let mut granularities = Vec::new();
@@ -225,9 +229,10 @@ async fn read_form(state: &AppState, request: Request, task: Task) -> Result<Aud
             }
         }
     }
+    let mut segment_granularity = false;
     for granularity in &granularities {
         match granularity.trim() {
-            "segment" => {}
+            "segment" => segment_granularity = true,
             "word" => form.words = true,
             other => {
                 return Err(ApiError::invalid(
@@ -243,12 +248,7 @@ async fn read_form(state: &AppState, request: Request, task: Task) -> Result<Aud
             "timestamp_granularities",
         ));
     }
-    if form.words {
-        return Err(unsupported(
-            "timestamp_granularities",
-            "word timestamps are not available yet; ask for `segment`",
-        ));
-    }
+    form.segments = segment_granularity || !form.words;
     if form.stream && !matches!(form.response_format, ResponseFormat::Json | ResponseFormat::Text) {
         return Err(ApiError::invalid(
             "`stream` sends text deltas; use `response_format` `json` or `text` with it",
@@ -293,7 +293,8 @@ fn usage(transcript: &Transcript) -> Value {
 }
 
 /// The transcript in the requested format, with the content type OpenAI sends.
-fn render(transcript: &Transcript, format: ResponseFormat, task: Task) -> Response {
+fn render(transcript: &Transcript, form: &AudioForm, task: Task) -> Response {
+    let format = form.response_format;
     let plain = |body: String| ([(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
     match format {
         ResponseFormat::Json => {
@@ -305,16 +306,25 @@ fn render(transcript: &Transcript, format: ResponseFormat, task: Task) -> Respon
             ([(CONTENT_TYPE, "text/vtt; charset=utf-8")], vtt(&transcript.segments)).into_response()
         }
         ResponseFormat::VerboseJson => {
-            let segments: Vec<Value> = transcript.segments.iter().map(segment_json).collect();
-            axum::Json(json!({
+            let mut body = json!({
                 "task": match task { Task::Transcribe => "transcribe", Task::Translate => "translate" },
                 "language": language_name(&transcript.language),
                 "duration": transcript.duration_secs,
                 "text": transcript.text(),
-                "segments": segments,
                 "usage": usage(transcript),
-            }))
-            .into_response()
+            });
+            if form.segments {
+                body["segments"] = transcript.segments.iter().map(segment_json).collect();
+            }
+            if form.words {
+                body["words"] = transcript
+                    .segments
+                    .iter()
+                    .flat_map(|s| &s.words)
+                    .map(|w| json!({ "word": w.word.trim(), "start": w.start, "end": w.end }))
+                    .collect();
+            }
+            axum::Json(body).into_response()
         }
     }
 }

@@ -101,3 +101,13 @@ def test_a_json_body_is_refused_with_415(http):
     response = http.post("/v1/audio/transcriptions", json={"model": STT_MODEL, "file": "x"})
     assert_error_shape(response, 415, param=None, code=None)
     assert "multipart/form-data" in response.json()["error"]["message"]
+
+
+def test_word_timestamps_are_monotonic_and_inside_the_audio(client, clip):
+    result = transcribe(client, clip, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert words(" ".join(w.word for w in result.words)) == EXPECTED
+    last = 0.0
+    for word in result.words:
+        assert last <= word.start <= word.end <= result.duration
+        last = word.end
+    assert result.segments and result.words[-1].end > result.duration / 2

@@ -333,3 +333,48 @@ async fn bad_audio_of_each_kind_gets_its_400() {
     let reply = transcribe_file(&app, "a.wav", &wav, &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 }
+
+/// Word timestamps (`timestamp_granularities[]=word`) against faster-whisper's on the same clips
+/// (`tests/fixtures/whisper/faster-whisper-words.json`, `scripts/reference/whisper_words.py`):
+/// the same words, each starting and ending within 60 ms (three encoder steps) of faster-whisper's,
+/// monotonic and inside the audio.
+#[tokio::test]
+async fn word_timestamps_match_faster_whispers() {
+    let app = whisper().await;
+    let reference = reference_json("faster-whisper-words.json");
+    for (clip_id, expected) in reference["clips"].as_object().unwrap() {
+        let wav = std::fs::read(clip(clip_id)).unwrap();
+        let fields = [
+            ("response_format", "verbose_json"),
+            ("timestamp_granularities[]", "word"),
+            ("timestamp_granularities[]", "segment"),
+            ("language", "en"),
+        ];
+        let reply = transcribe_file(&app, "a.wav", &wav, &fields).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert!(reply.body["segments"].is_array(), "segments were asked for too");
+        let words = reply.body["words"].as_array().unwrap();
+        let duration = reply.body["duration"].as_f64().unwrap();
+        let expected = expected.as_array().unwrap();
+        let texts =
+            |ws: &[Value]| ws.iter().map(|w| w["word"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+        assert_eq!(texts(words), texts(expected), "{clip_id}");
+        let mut last = 0.0;
+        let mut worst = 0f64;
+        for (ours, theirs) in words.iter().zip(expected) {
+            let (start, end) = (ours["start"].as_f64().unwrap(), ours["end"].as_f64().unwrap());
+            assert!(last <= start && start <= end && end <= duration, "{clip_id}: {ours} after {last}");
+            last = end;
+            worst = worst
+                .max((start - theirs["start"].as_f64().unwrap()).abs())
+                .max((end - theirs["end"].as_f64().unwrap()).abs());
+        }
+        eprintln!("{clip_id}: largest difference from faster-whisper {worst:.3} s");
+        assert!(worst <= 0.06 + 1e-9, "{clip_id}: {worst} s\n{}", reply.text);
+    }
+    // Only `word`: words without segments.
+    let wav = std::fs::read(clip(SHORT_CLIP)).unwrap();
+    let fields = [("response_format", "verbose_json"), ("timestamp_granularities[]", "word")];
+    let reply = transcribe_file(&app, "a.wav", &wav, &fields).await;
+    assert!(reply.body["segments"].is_null() && reply.body["words"].is_array(), "{}", reply.text);
+}

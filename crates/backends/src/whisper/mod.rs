@@ -109,6 +109,9 @@ fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
     x.transpose(0, 1)?.contiguous()?.reshape((t, h * dh))
 }
 
+/// Which (layer, head) cross-attention scores a decoder pass keeps, and where it puts them.
+type Capture<'a> = (&'a [(usize, usize)], &'a mut Vec<Vec<f32>>);
+
 /// `x · wᵀ + b`, on the host for a decoder's few rows (no packing of the weights per call).
 fn project(linear: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
     match crate::cpu_ops::linear_rows(x, linear.weight(), linear.bias())? {
@@ -329,6 +332,17 @@ impl CandleWhisper {
     }
 
     fn decoder_step(&mut self, tokens: &[u32]) -> candle_core::Result<Vec<f32>> {
+        self.decoder_pass(tokens, None)
+    }
+
+    /// The decoder over `tokens` after the cached ones; with `capture`, also the cross-attention
+    /// scores (before the soft-max) of the listed (layer, head) pairs, each `[t, n_audio_ctx]`,
+    /// appended in the list's order.
+    fn decoder_pass(
+        &mut self,
+        tokens: &[u32],
+        mut capture: Option<Capture<'_>>,
+    ) -> candle_core::Result<Vec<f32>> {
         let t = tokens.len();
         if self.n_past + t > self.dims.n_text_ctx {
             candle_core::bail!(
@@ -343,15 +357,29 @@ impl CandleWhisper {
             .index_select(&ids, 0)?
             .broadcast_add(&self.text_positions.narrow(0, self.n_past, t)?)?;
         let heads = self.dims.n_text_head;
-        for (block, cache) in self.decoder.iter().zip(self.cache.iter_mut()) {
+        let mut captured: Vec<(usize, Vec<f32>)> = Vec::new();
+        for (layer, (block, cache)) in self.decoder.iter().zip(self.cache.iter_mut()).enumerate() {
             let (attn, kv) =
                 block.attn.forward(&block.attn_ln.forward(&x)?, heads, cache.self_kv.as_ref(), true)?;
             cache.self_kv = Some(kv);
             x = (x + attn)?;
             let q = split_heads(&project(&block.cross.query, &block.cross_ln.forward(&x)?)?, heads)?;
+            if let Some((wanted, _)) = &capture {
+                let scale = 1.0 / ((self.dims.n_state / heads) as f64).sqrt();
+                for (index, &(_, head)) in wanted.iter().enumerate().filter(|(_, (l, _))| *l == layer) {
+                    let q_head = q.narrow(0, head, 1)?.squeeze(0)?;
+                    let k_head = cache.audio_k.narrow(0, head, 1)?.squeeze(0)?;
+                    let scores = (q_head * scale)?.matmul(&k_head.t()?)?.to_dtype(DType::F32)?;
+                    captured.push((index, scores.flatten_all()?.to_vec1()?));
+                }
+            }
             let cross = attend(&q, &cache.audio_k, &cache.audio_v, None)?;
             x = (&x + project(&block.cross.out, &merge_heads(&cross)?)?)?;
             x = (&x + block.mlp.forward(&block.mlp_ln.forward(&x)?)?)?;
+        }
+        if let Some((_, out)) = capture.as_mut() {
+            captured.sort_by_key(|(index, _)| *index);
+            out.extend(captured.into_iter().map(|(_, scores)| scores));
         }
         self.n_past += t;
         let last = self.decoder_ln.forward(&x.narrow(0, t - 1, 1)?)?;
@@ -420,6 +448,30 @@ impl SpeechModel for CandleWhisper {
             return Err("decode of no tokens".into());
         }
         Ok(self.decoder_step(tokens)?)
+    }
+
+    fn cross_attention(
+        &mut self,
+        tokens: &[u32],
+        heads: &[(usize, usize)],
+    ) -> Result<Vec<Vec<f32>>, hearth_engine::BoxError> {
+        if self.cache.is_empty() {
+            return Err("cross_attention before encode".into());
+        }
+        if let Some(&(layer, head)) =
+            heads.iter().find(|&&(l, h)| l >= self.dims.n_text_layer || h >= self.dims.n_text_head)
+        {
+            return Err(format!("no decoder head ({layer}, {head}) in this model").into());
+        }
+        self.reset();
+        let mut scores = Vec::new();
+        self.decoder_pass(tokens, Some((heads, &mut scores)))?;
+        self.reset();
+        Ok(scores)
+    }
+
+    fn text_layers(&self) -> (usize, usize) {
+        (self.dims.n_text_layer, self.dims.n_text_head)
     }
 }
 

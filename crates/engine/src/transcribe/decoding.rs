@@ -8,6 +8,7 @@
 
 use hearth_audio::LogMel;
 
+use super::words::{self, Word};
 use super::{SpeechModel, WhisperVocab};
 use crate::BoxError;
 
@@ -46,6 +47,8 @@ pub struct DecodeOptions {
     pub condition_on_previous_text: bool,
     /// Seed for sampling at temperatures above 0.
     pub seed: u64,
+    /// Align each segment's words to the audio ([`super::words`]).
+    pub word_timestamps: bool,
 }
 
 impl Default for DecodeOptions {
@@ -57,6 +60,7 @@ impl Default for DecodeOptions {
             temperature: 0.0,
             condition_on_previous_text: true,
             seed: 0,
+            word_timestamps: false,
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct Segment {
     pub avg_logprob: f64,
     pub compression_ratio: f64,
     pub no_speech_prob: f64,
+    /// The segment's words, when word timestamps were asked for.
+    pub words: Vec<Word>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +209,7 @@ pub fn transcribe(
         }
 
         let tokens = &attempt.tokens;
+        let window_start = segments.len();
         let is_ts = |t: u32| t >= vocab.timestamp_begin;
         let single_timestamp_ending =
             tokens.len() >= 2 && !is_ts(tokens[tokens.len() - 2]) && is_ts(tokens[tokens.len() - 1]);
@@ -224,6 +231,7 @@ pub fn transcribe(
                 avg_logprob: attempt.avg_logprob,
                 compression_ratio: attempt.compression_ratio,
                 no_speech_prob: attempt.no_speech_prob,
+                words: Vec::new(),
             });
             on_segment(&segments[segments.len() - 1]);
         };
@@ -260,6 +268,22 @@ pub fn transcribe(
             push(tokens, time_offset, time_offset + duration);
             seek += segment_frames;
         }
+        if options.word_timestamps && segments.len() > window_start {
+            let task = match options.task {
+                Task::Transcribe => vocab.transcribe,
+                Task::Translate => vocab.translate,
+            };
+            let text: Vec<Vec<u32>> = segments[window_start..]
+                .iter()
+                .map(|s| s.tokens.iter().copied().filter(|&t| t < vocab.eot).collect())
+                .collect();
+            let code = vocab.language_code(language).unwrap_or("en").to_string();
+            let aligned =
+                words::align(model, vocab, language, task, &code, &text, segment_frames, time_offset)?;
+            for (segment, words) in segments[window_start..].iter_mut().zip(aligned) {
+                segment.words = words;
+            }
+        }
         all_tokens.extend_from_slice(tokens);
         if !options.condition_on_previous_text || attempt.temperature > PROMPT_RESET_TEMPERATURE {
             prompt_reset_since = all_tokens.len();
@@ -270,6 +294,10 @@ pub fn transcribe(
     for segment in &mut segments {
         segment.end = segment.end.min(duration_secs);
         segment.start = segment.start.min(segment.end);
+        for word in &mut segment.words {
+            word.end = word.end.min(duration_secs);
+            word.start = word.start.min(word.end);
+        }
     }
     let language = language_token.and_then(|t| vocab.language_code(t)).unwrap_or("en").to_string();
     Ok(Transcript { language, duration_secs, segments })

@@ -8,6 +8,7 @@ pub mod decoding;
 pub mod service;
 pub mod vocab;
 pub mod wer;
+pub mod words;
 
 pub use decoding::{DecodeOptions, Segment, Task, Transcript};
 pub use service::{Transcribe, TranscribeRequest, Transcriber, TranscriberOptions};
@@ -29,4 +30,20 @@ pub trait SpeechModel: Send {
     fn reset(&mut self);
     /// Appends `tokens` to the decoder's context and returns the logits after the last of them.
     fn decode(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BoxError>;
+    /// Decodes `tokens` from an empty context over the encoded window and returns, for each
+    /// (decoder layer, head) in `heads`, its cross-attention scores before the soft-max,
+    /// `[tokens.len() × audio positions]` row-major. The decoder's context is empty afterwards.
+    /// For word timestamps; a model without attention weights to show says so.
+    fn cross_attention(
+        &mut self,
+        tokens: &[u32],
+        heads: &[(usize, usize)],
+    ) -> Result<Vec<Vec<f32>>, BoxError> {
+        let _ = (tokens, heads);
+        Err("this speech model cannot align words to the audio".into())
+    }
+    /// (decoder layers, heads per layer), for the default alignment heads.
+    fn text_layers(&self) -> (usize, usize) {
+        (0, 0)
+    }
 }
