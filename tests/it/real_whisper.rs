@@ -1,5 +1,5 @@
 //! Whisper base (the CTranslate2 folder `scripts/fetch-models whisper-base-ct2` installs) on real
-//! speech: Debian's `pocketsphinx-testdata` LibriVox clips. The backend's numbers are checked
+//! speech: Debian's `pocketsphinx-testdata` LibriVox and `cards` clips. The backend's numbers are checked
 //! against CTranslate2's own (`tests/fixtures/whisper/ct2-reference.json`, made by
 //! `scripts/reference/whisper_ct2.py`), the transcripts' WER against the bound faster-whisper's
 //! WER justifies (`tests/fixtures/whisper/faster-whisper-librivox.json`, with its command), and
@@ -377,4 +377,23 @@ async fn word_timestamps_match_faster_whispers() {
     let fields = [("response_format", "verbose_json"), ("timestamp_granularities[]", "word")];
     let reply = transcribe_file(&app, "a.wav", &wav, &fields).await;
     assert!(reply.body["segments"].is_null() && reply.body["words"].is_array(), "{}", reply.text);
+}
+
+/// Debian's `cards` clips (1–3.5 s of card names, recorded apart from LibriVox): Hearth writes
+/// what faster-whisper writes for each (`tests/fixtures/whisper/faster-whisper-cards.json`, made
+/// by `scripts/reference/whisper_cards.py`; their own transcripts spell numbers as words, Whisper
+/// writes digits, so the peer's text is the reference here).
+#[tokio::test]
+async fn cards_clips_transcribe_as_faster_whisper_does() {
+    let app = whisper().await;
+    let reference = reference_json("faster-whisper-cards.json");
+    let cards = Path::new(LIBRIVOX).parent().unwrap().join("cards");
+    let expected = reference["texts"].as_object().unwrap();
+    assert_eq!(expected.len(), 5);
+    for (id, text) in expected {
+        let wav = std::fs::read(cards.join(format!("{id}.wav"))).unwrap();
+        let reply = transcribe_file(&app, "card.wav", &wav, &[("language", "en")]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{id}: {}", reply.text);
+        assert_eq!(words(reply.body["text"].as_str().unwrap()), words(text.as_str().unwrap()), "{id}");
+    }
 }
