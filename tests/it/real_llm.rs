@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth::config::default_models_dir;
 use hearth_backends::decoder::GgufFile;
 use hearth_backends::gguf_tokenizer;
 use hearth_engine::generate::sampler::SamplingParams;
@@ -19,13 +18,9 @@ use hearth_engine::registry::{LoadState, Served};
 use hearth_engine::Priority;
 use serde_json::{json, Value};
 
-use crate::support::{app, App};
+use crate::support::{app, models_root, App};
 
 const FILE: &str = "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn models_root() -> PathBuf {
-    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir)
-}
 
 fn gguf() -> PathBuf {
     let path = models_root().join(FILE);

@@ -5,18 +5,13 @@
 use std::path::PathBuf;
 
 use axum::http::StatusCode;
-use hearth::config::default_models_dir;
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 use hearth_engine::Subject;
 use serde_json::{json, Value};
 
 use hearth_engine::vector::cosine;
 
-use crate::support::{app, floats};
-
-fn models_root() -> PathBuf {
-    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir)
-}
+use crate::support::{app, floats, models_root};
 
 fn model_dir() -> PathBuf {
     let dir = models_root().join("all-minilm-l6-v2");

@@ -11,7 +11,6 @@ use std::process::Command;
 
 use axum::http::{header, StatusCode};
 use candle_core::{DType, Device};
-use hearth::config::default_models_dir;
 use hearth_audio::mel::MelSpectrogram;
 use hearth_audio::{decode, DecodeLimits, MelConfig};
 use hearth_backends::whisper::load_ct2_folder;
@@ -19,14 +18,10 @@ use hearth_engine::transcribe::decoding::{transcribe, DecodeOptions};
 use hearth_engine::transcribe::wer::{normalized_words as words, word_errors};
 use serde_json::Value;
 
-use crate::support::{app, form, post_form, App, Reply};
+use crate::support::{app, form, models_root, post_form, App, Reply};
 
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
 const SHORT_CLIP: &str = "sense_and_sensibility_01_austen_64kb-0880";
-
-fn models_root() -> PathBuf {
-    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir)
-}
 
 fn model_dir() -> PathBuf {
     let dir = models_root().join("whisper-base-ct2");

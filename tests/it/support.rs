@@ -13,6 +13,15 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+/// The models directory holding the real offline weights (`scripts/fetch-models`):
+/// `HEARTH_MODELS_DIR`, else Hearth's default.
+#[cfg(feature = "real-weights")]
+pub fn models_root() -> PathBuf {
+    std::env::var_os("HEARTH_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(hearth::config::default_models_dir)
+}
+
 /// The models directory of the tiny fixture models.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")

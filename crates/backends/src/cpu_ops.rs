@@ -58,34 +58,20 @@ pub fn linear_rows(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<
     let (storage, layout) = w.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
     let weights = contiguous_f32(cpu, layout)?;
-    let mut out = vec![0f32; rows * out_dim];
     let simd = kernels_available();
-    // Tasks of output columns; each reads its block of weight rows once for every input row.
-    const BLOCK: usize = 64;
-    let mut columns: Vec<Vec<f32>> = vec![Vec::new(); out_dim.div_ceil(BLOCK)];
-    columns.par_iter_mut().enumerate().for_each(|(block, values)| {
-        let first = block * BLOCK;
-        let n = BLOCK.min(out_dim - first);
-        values.resize(rows * n, 0.0);
-        for o in 0..n {
-            let w_row = &weights[(first + o) * inner..][..inner];
-            for r in 0..rows {
-                values[r * n + o] = dot(&x[r * inner..][..inner], w_row, simd);
-            }
+    // Output-major (`[out, rows]`): each weight row is read once, for every input row, and its
+    // values are one contiguous chunk, so rows of the weights are split across threads as is.
+    let mut by_output = vec![0f32; out_dim * rows];
+    by_output.par_chunks_mut(rows).with_min_len(64).enumerate().for_each(|(o, values)| {
+        let w_row = &weights[o * inner..][..inner];
+        for (r, value) in values.iter_mut().enumerate() {
+            *value = dot(&x[r * inner..][..inner], w_row, simd) + bias.as_ref().map_or(0.0, |b| b[o]);
         }
     });
-    for (block, values) in columns.iter().enumerate() {
-        let first = block * BLOCK;
-        let n = values.len() / rows;
-        for r in 0..rows {
-            out[r * out_dim + first..][..n].copy_from_slice(&values[r * n..][..n]);
-        }
-    }
-    if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(out_dim) {
-            row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
-        }
-    }
+    let out = match rows {
+        1 => by_output,
+        _ => (0..rows * out_dim).map(|k| by_output[(k % out_dim) * rows + k / out_dim]).collect(),
+    };
     Ok(Some(Tensor::from_vec(out, (rows, out_dim), &candle_core::Device::Cpu)?))
 }
 
