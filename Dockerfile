@@ -4,7 +4,9 @@
 #   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda --build-arg CUDA_COMPUTE_CAP=90 .
 #         (the same steps as scripts/build-cuda: NVIDIA's CUDA 13.4 toolchain from PyPI wheels; the
 #         image carries the CUDA runtime libraries, the NVIDIA container runtime adds the driver)
-# OpenTelemetry trace export: add `--build-arg FEATURES=otlp` (or `FEATURES="cuda otlp"`).
+# Text to speech (`tts`: espeak-ng, GPL-3.0, so the image is GPL-3.0 as a whole) is on by default;
+# `--build-arg FEATURES=""` builds an Apache-2.0-only image without it.
+# OpenTelemetry trace export: add `otlp` to FEATURES (e.g. `FEATURES="tts otlp"`, `"cuda tts otlp"`).
 # Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
 # Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
 # Models are read from (and downloaded to) /var/lib/hearth/models; the config is
@@ -15,15 +17,17 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${BUILD_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG FEATURES=""
+ARG FEATURES="tts"
 ARG CUDA_COMPUTE_CAP="90"
 RUN if ! command -v cargo >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
       && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
     fi
 ENV PATH=/root/.cargo/bin:${PATH}
-# libopus for Opus audio (ogg and webm uploads), found through pkg-config.
-RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libopus-dev \
+# libopus for Opus audio (ogg and webm uploads and speech), found through pkg-config; espeak-ng for
+# text to speech's phonemes; pip for ONNX Runtime's wheel (scripts/fetch-models).
+RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libopus-dev libespeak-ng-dev \
+       python3-pip \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -39,20 +43,26 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
            && cp -a /opt/hearth/cuda/13.4.3/nvidia/cu13/lib/lib*.so.* /out/cuda-lib/ ;; \
          *) cargo build --release --locked --features "${FEATURES}" ;; \
        esac \
-    && install -D target/release/hearth /out/hearth
+    && install -D target/release/hearth /out/hearth \
+    && mkdir -p /out/lib \
+    && case " ${FEATURES} " in \
+         *" tts "*) python3 scripts/fetch-models --lib-dir /out/lib --models-dir /tmp/unused onnxruntime ;; \
+       esac
 
 FROM ${RUNTIME_IMAGE}
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libopus0 \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libopus0 libespeak-ng1 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/hearth hearth \
     && install -d -o hearth -g hearth /var/lib/hearth/models
 COPY --from=build /out/hearth /usr/local/bin/hearth
 COPY --from=build /out/cuda-lib/ /usr/local/lib/hearth-cuda/
+COPY --from=build /out/lib/ /usr/local/lib/hearth/
 COPY config/ /etc/hearth/
 ENV LD_LIBRARY_PATH=/usr/local/lib/hearth-cuda \
     HEARTH_HOST=0.0.0.0 \
     HEARTH_PORT=8080 \
     HEARTH_MODELS_DIR=/var/lib/hearth/models \
+    ORT_DYLIB_PATH=/usr/local/lib/hearth/libonnxruntime.so.1.31.1 \
     HEARTH_CONFIG=/etc/hearth/hearth.toml
 USER 10001:10001
 EXPOSE 8080

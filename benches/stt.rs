@@ -16,7 +16,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,7 +29,7 @@ use hearth_engine::transcribe::{DecodeOptions, Transcribe, TranscribeRequest, Tr
 use hearth_engine::Priority;
 use serde_json::{json, Value};
 
-use common::{machine, round};
+use common::{machine, peak_rss_mib, python_peer, round};
 
 const MODEL: &str = "whisper-base-ct2";
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
@@ -185,28 +184,5 @@ async fn transcribe(transcriber: &Transcriber, bytes: &[u8]) -> String {
 }
 
 fn run_peer(folder: &Path, compute: &str) -> Result<Value, String> {
-    let python = std::env::var_os("HEARTH_STT_PEER_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/hearth/venv/bin/python")
-    });
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/stt_faster_whisper.py");
-    let output = Command::new(&python)
-        .arg(&script)
-        .arg(folder)
-        .arg(compute)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("failed").to_string());
-    }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("peer output: {e}"))
-}
-
-/// The process's peak resident set (`VmHWM`), in MiB.
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
+    python_peer("HEARTH_STT_PEER_PYTHON", "stt_faster_whisper.py", &[folder.as_os_str(), compute.as_ref()])
 }

@@ -72,6 +72,14 @@ const PRESET_FILES: &[(&str, &str)] = &[
     ("bge-reranker-base.toml", include_str!("../models/bge-reranker-base.toml")),
     ("bge-reranker-v2-m3.toml", include_str!("../models/bge-reranker-v2-m3.toml")),
     ("ms-marco-minilm-l6-v2.toml", include_str!("../models/ms-marco-minilm-l6-v2.toml")),
+    ("piper-en-us-joe-medium.toml", include_str!("../models/piper-en-us-joe-medium.toml")),
+    ("piper-en-us-lessac-medium.toml", include_str!("../models/piper-en-us-lessac-medium.toml")),
+    ("piper-en-us-amy-medium.toml", include_str!("../models/piper-en-us-amy-medium.toml")),
+    ("piper-en-us-ryan-high.toml", include_str!("../models/piper-en-us-ryan-high.toml")),
+    ("piper-en-gb-alan-medium.toml", include_str!("../models/piper-en-gb-alan-medium.toml")),
+    ("piper-de-de-thorsten-medium.toml", include_str!("../models/piper-de-de-thorsten-medium.toml")),
+    ("piper-es-es-davefx-medium.toml", include_str!("../models/piper-es-es-davefx-medium.toml")),
+    ("piper-fr-fr-siwis-medium.toml", include_str!("../models/piper-fr-fr-siwis-medium.toml")),
 ];
 
 fn parse(file: &str, text: &'static str) -> Result<Preset, String> {
@@ -152,6 +160,14 @@ mod tests {
             "bge-m3",
             "bge-reranker-base",
             "bge-reranker-v2-m3",
+            "piper-en-us-joe-medium",
+            "piper-en-us-lessac-medium",
+            "piper-en-us-amy-medium",
+            "piper-en-us-ryan-high",
+            "piper-en-gb-alan-medium",
+            "piper-de-de-thorsten-medium",
+            "piper-es-es-davefx-medium",
+            "piper-fr-fr-siwis-medium",
         ] {
             assert!(find(name).is_some(), "{name}");
         }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use hearth_backends::decoder::{Decoder, DecoderFiles, DecoderOptions, GgufFile, KvPrecision};
 use hearth_backends::llm_vocab::{self, LlmVocab};
+#[cfg(feature = "tts")]
+use hearth_backends::piper::{PiperOptions, PiperVoices};
 use hearth_backends::{gguf_tokenizer, whisper};
 use hearth_backends::{
     BackendError, CandleCrossEncoder, CandleEmbedder, EncoderOptions, Head, LoadedEncoder, ModelDir,
@@ -23,12 +25,15 @@ use hearth_engine::generate::template::ChatTemplate;
 use hearth_engine::pool::BlockingPool;
 use hearth_engine::registry::{LoadState, Registry, Served};
 use hearth_engine::rerank::Reranker;
+use hearth_engine::synthesize::Synthesizer;
+#[cfg(feature = "tts")]
+use hearth_engine::synthesize::{SpeechSynthesizer, Synthesize, SynthesizerOptions};
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 use hearth_engine::transcribe::{Transcriber, TranscriberOptions};
 
 use crate::config::{
     EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, SttConfig,
-    TextConfig,
+    TextConfig, TtsConfig,
 };
 use crate::store::{downloads_allowed, Store};
 
@@ -39,11 +44,19 @@ pub struct Loader {
     store: Store,
     pool: Arc<BlockingPool>,
     registry: Arc<Registry>,
+    /// ONNX Runtime's library, for `tts` voices.
+    #[cfg_attr(not(feature = "tts"), allow(dead_code))]
+    onnxruntime: PathBuf,
 }
 
 impl Loader {
-    pub fn new(models_dir: PathBuf, pool: Arc<BlockingPool>, registry: Arc<Registry>) -> Self {
-        Self { store: Store::new(models_dir), pool, registry }
+    pub fn new(
+        models_dir: PathBuf,
+        pool: Arc<BlockingPool>,
+        registry: Arc<Registry>,
+        onnxruntime: PathBuf,
+    ) -> Self {
+        Self { store: Store::new(models_dir), pool, registry, onnxruntime }
     }
 
     /// An estimate of the memory `config` takes once loaded: its weight files on disk, plus the KV
@@ -64,6 +77,7 @@ impl Loader {
         match &config.options {
             KindConfig::Llm(llm) => Ok(Served::Llm(Arc::new(self.generator(config, llm).await?))),
             KindConfig::Stt(stt) => Ok(Served::Stt(Arc::new(self.transcriber(config, stt).await?))),
+            KindConfig::Tts(tts) => Ok(Served::Tts(Arc::new(self.synthesizer(config, tts).await?))),
             KindConfig::Embedding(encoder) => {
                 let dir = self.inspect(encoder).await?;
                 Ok(Served::Embedding(Arc::new(self.embedder(config, encoder, dir).await?)))
@@ -246,6 +260,66 @@ impl Loader {
         .await
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("cannot load model `{}` from {shown}", config.id))
+    }
+
+    /// A text-to-speech model: the Piper voices of its folders, on ONNX Runtime, on its owner
+    /// thread.
+    #[cfg(not(feature = "tts"))]
+    async fn synthesizer(&self, config: &ModelConfig, _tts: &TtsConfig) -> anyhow::Result<Synthesizer> {
+        bail!(
+            "cannot load `tts` model `{}`: this Hearth was built without text to speech (build it with \
+             `--features tts`, which links espeak-ng (GPL-3.0) and loads ONNX Runtime)",
+            config.id
+        )
+    }
+
+    #[cfg(feature = "tts")]
+    async fn synthesizer(&self, config: &ModelConfig, tts: &TtsConfig) -> anyhow::Result<Synthesizer> {
+        let dir = self.store.resolve(&tts.weights.source, downloads_allowed()).await?;
+        let root = ModelsRoot::new(self.store.root())?;
+        let mut folders = vec![dir.clone()];
+        if let Some(voices) = &tts.voices_dir {
+            // A voices folder that does not exist yet is fine (it may be created later); one that
+            // leads outside the models directory is not.
+            match root.existing(voices)? {
+                Some(real) => folders.push(real),
+                None => {
+                    tracing::warn!(model = %config.id, folder = %voices.display(), "the voices folder does not exist yet");
+                    folders.push(voices.clone());
+                }
+            }
+        }
+        let options = PiperOptions {
+            device: tts.weights.device,
+            onnxruntime: self.onnxruntime.clone(),
+            folders,
+            threads: tts.cpu_threads,
+            noise_scale: tts.noise.scale,
+            noise_w: tts.noise.width,
+        };
+        let service = SynthesizerOptions {
+            queue_depth: tts.weights.queue_depth,
+            max_concurrent_requests: config.max_concurrent_requests,
+            max_input_chars: tts.max_input_chars,
+            aliases: tts.voice_aliases.clone(),
+            default_voice: tts.default_voice.clone(),
+        };
+        let id = Arc::clone(&config.id);
+        let synthesizer = Synthesizer::start(Arc::clone(&config.id), service, move || {
+            let voices = PiperVoices::load(options)?;
+            let names: Vec<String> = voices.voices().into_iter().map(|v| v.id).collect();
+            tracing::info!(model = %id, voices = ?names, "model loaded");
+            Ok(voices)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("cannot load model `{}` from {}", config.id, dir.display()))?;
+        for (alias, target) in &tts.voice_aliases {
+            if synthesizer.resolve_voice(target).is_none() {
+                tracing::warn!(model = %config.id, alias, voice = target, "`voice_aliases` names a voice that is not there");
+            }
+        }
+        Ok(synthesizer)
     }
 
     async fn inspect(&self, encoder: &EncoderConfig) -> anyhow::Result<ModelDir> {

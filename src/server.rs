@@ -91,6 +91,7 @@ pub async fn reload(state: &AppState, overrides: &Overrides) -> anyhow::Result<C
     }
     let keys = state.keys.replace(&new.auth);
     let changes = state.lifecycle.apply(&new).await;
+    rescan_voices(state).await;
     tracing::info!(
         config = %path.display(),
         added = ?changes.added,
@@ -100,6 +101,20 @@ pub async fn reload(state: &AppState, overrides: &Overrides) -> anyhow::Result<C
         "config reloaded"
     );
     Ok(changes)
+}
+
+/// Looks again at the voices folders of every loaded `tts` model (voices dropped in or removed).
+pub async fn rescan_voices(state: &AppState) {
+    use hearth_engine::registry::{LoadState, Served};
+    use hearth_engine::synthesize::Synthesize;
+    for entry in state.registry.entries() {
+        let LoadState::Ready(served) = entry.state() else { continue };
+        if let Served::Tts(synth) = &*served {
+            if let Err(error) = synth.rescan().await {
+                tracing::error!(model = %entry.id, %error, "could not look for new voices");
+            }
+        }
+    }
 }
 
 /// Reloads the config on every SIGHUP, until the server stops.

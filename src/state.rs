@@ -44,7 +44,12 @@ impl AppState {
         .context("cannot start the preprocessing threads")?;
         let keys = Arc::new(Keyring::new(&config.auth));
         let (registry, pool) = (Arc::new(registry), Arc::new(pool));
-        let loader = Loader::new(config.models_dir.clone(), Arc::clone(&pool), Arc::clone(&registry));
+        let loader = Loader::new(
+            config.models_dir.clone(),
+            Arc::clone(&pool),
+            Arc::clone(&registry),
+            config.server.onnxruntime_library.clone(),
+        );
         let lifecycle = Arc::new(Lifecycle::new(&config, loader, Arc::clone(&registry)));
         Ok(Self { config: Arc::new(config), registry, pool, metrics, keys, lifecycle })
     }

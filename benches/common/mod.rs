@@ -44,3 +44,34 @@ pub fn round(value: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (value * scale).round() / scale
 }
+
+/// The process's peak resident set (`VmHWM`), in MiB.
+#[allow(dead_code, reason = "not every bench reports memory this way")]
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Runs a peer script from `benches/peers/` with the Python in `$python_env` (default the e2e
+/// venv, `~/.cache/hearth/venv/bin/python`) and reads the one JSON object it prints.
+#[allow(dead_code, reason = "not every bench has a Python peer")]
+pub fn python_peer(python_env: &str, script: &str, args: &[&std::ffi::OsStr]) -> Result<Value, String> {
+    let python = std::env::var_os(python_env).map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/hearth/venv/bin/python")
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers").join(script);
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("failed").to_string());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("peer output: {e}"))
+}

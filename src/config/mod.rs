@@ -24,8 +24,8 @@ use toml::Spanned;
 pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
     parse_source, EncoderConfig, KeepAlive, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource,
-    RerankConfig, ScoringChoice, SttConfig, TextConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES,
-    DEFAULT_STT_FILES,
+    RerankConfig, ScoringChoice, SttConfig, TextConfig, TtsConfig, Weights, DEFAULT_ENCODER_FILES,
+    DEFAULT_LLM_FILES, DEFAULT_STT_FILES, DEFAULT_TTS_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.
@@ -92,6 +92,7 @@ struct RawServer {
     shutdown_timeout_secs: Option<u64>,
     request_timeout_secs: Option<u64>,
     routes: Option<std::collections::BTreeMap<String, RawRoute>>,
+    onnxruntime_library: Option<String>,
 }
 
 /// `[server.routes."/v1/…"]`: one route's own limits.
@@ -143,6 +144,9 @@ pub struct ServerConfig {
     pub model_load_timeout: Duration,
     /// Estimated bytes all loaded models may take together; `None`: no limit.
     pub models_memory_budget: Option<u64>,
+    /// ONNX Runtime's shared library (`libonnxruntime.so`), which `tts` voices run on: the
+    /// config's path, else `ORT_DYLIB_PATH`, else where `scripts/fetch-models` puts it.
+    pub onnxruntime_library: PathBuf,
     /// The limits of each model route (the server-wide values, unless `[server.routes]` says more).
     pub routes: std::collections::BTreeMap<&'static str, RouteLimits>,
 }
@@ -156,6 +160,7 @@ pub const MODEL_ROUTES: &[&str] = &[
     "/rerank",
     "/v1/audio/transcriptions",
     "/v1/audio/translations",
+    "/v1/audio/speech",
 ];
 
 /// The routes that take uploads (multipart audio files).
@@ -416,6 +421,12 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
             server.model_load_timeout_secs.unwrap_or(DEFAULT_MODEL_LOAD_TIMEOUT_SECS),
         ),
         routes: BTreeMap::new(),
+        onnxruntime_library: server
+            .onnxruntime_library
+            .as_deref()
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .unwrap_or_else(default_onnxruntime_library),
         models_memory_budget: match server.models_memory_mib {
             None => None,
             Some(mib) if mib.is_finite() && mib > 0.0 => Some((mib * 1_048_576.0) as u64),
@@ -582,6 +593,15 @@ pub(crate) fn expand_home(text: &str) -> PathBuf {
 }
 
 /// `$HEARTH_MODELS_DIR` is handled by the CLI; this is the fallback.
+/// Where `scripts/fetch-models onnxruntime` installs ONNX Runtime: `$HEARTH_LIB_DIR`, else
+/// `~/.cache/hearth/lib`.
+pub fn default_onnxruntime_library() -> PathBuf {
+    let dir = std::env::var_os("HEARTH_LIB_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        default_models_dir().parent().map(|p| p.join("lib")).unwrap_or_else(|| PathBuf::from("lib"))
+    });
+    dir.join("libonnxruntime.so")
+}
+
 pub fn default_models_dir() -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -711,8 +731,16 @@ mod tests {
             &["`models[0].kind`", "has kind `embedding`"],
         );
         check_error(
-            "[[models]]\nid = \"m\"\nkind = \"tts\"\nsource = \"m\"",
-            &["`tts` models are not supported"],
+            "[[models]]\nid = \"m\"\nkind = \"tts\"\nsource = \"m\"\nvoices_dir = \"../voices\"",
+            &["`models[0].voices_dir`", "plain relative path"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"tts\"\nsource = \"m\"\nnoise_w = 3.0",
+            &["`models[0].noise_w`", "between 0 and 2"],
+        );
+        check_error(
+            "[[models]]\nid = \"m\"\nkind = \"tts\"\nsource = \"m\"\nmax_audio_secs = 5",
+            &["`models[0].max_audio_secs`", "`tts` models take"],
         );
         check_error(
             "[[models]]\nid = \"m\"\nkind = \"stt\"\nsource = \"m\"\nmax_audio_secs = 0",
@@ -910,6 +938,8 @@ mod tests {
                 );
             } else if preset.kind == ModelKind::Stt {
                 assert_eq!(preset.architecture, "whisper", "{}", preset.name);
+            } else if preset.kind == ModelKind::Tts {
+                assert_eq!(preset.architecture, "piper-vits", "{}", preset.name);
             } else {
                 preset.architecture.parse::<hearth_backends::Architecture>().unwrap();
             }

@@ -73,6 +73,20 @@ pub(super) const LLM_KEYS: &[&str] = &[
 /// Options of `stt` entries.
 pub(super) const STT_KEYS: &[&str] = &["max_audio_secs"];
 
+/// Options of `tts` entries.
+pub(super) const TTS_KEYS: &[&str] = &[
+    "voices_dir",
+    "default_voice",
+    "voice_aliases",
+    "max_input_chars",
+    "cpu_threads",
+    "noise_scale",
+    "noise_w",
+];
+
+/// The longest `input` a `tts` request may hold by default (OpenAI's limit).
+pub const DEFAULT_MAX_INPUT_CHARS: usize = 4096;
+
 /// The longest audio an `stt` model takes by default (30 minutes).
 pub const DEFAULT_MAX_AUDIO_SECS: u32 = 1800;
 
@@ -83,7 +97,7 @@ pub(crate) fn allowed_keys(kind: ModelKind) -> Vec<&'static str> {
         ModelKind::Rerank => &[ENCODER_KEYS, RERANK_KEYS],
         ModelKind::Llm => &[LLM_KEYS],
         ModelKind::Stt => &[STT_KEYS],
-        ModelKind::Tts => &[],
+        ModelKind::Tts => &[TTS_KEYS],
     };
     COMMON_KEYS.iter().chain(kind_keys.iter().flat_map(|keys| keys.iter())).copied().collect()
 }
@@ -219,6 +233,18 @@ struct RawStt {
     max_audio_secs: Option<u32>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTts {
+    voices_dir: Option<String>,
+    default_voice: Option<String>,
+    voice_aliases: Option<std::collections::BTreeMap<String, String>>,
+    max_input_chars: Option<usize>,
+    cpu_threads: Option<usize>,
+    noise_scale: Option<f32>,
+    noise_w: Option<f32>,
+}
+
 /// The element type of an LLM's KV cache on the CPU (llama.cpp's `--cache-type-k/-v`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -345,6 +371,36 @@ pub struct SttConfig {
     pub max_audio_secs: u32,
 }
 
+/// A text-to-speech model: Piper voices (`*.onnx` + `*.onnx.json`) in its `source` folder, and
+/// optionally a voices folder watched for new voices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TtsConfig {
+    pub weights: Weights,
+    /// A folder inside the models directory whose voices are served too, looked at again on
+    /// `SIGHUP` (drop a trained voice in, send the signal, it is served).
+    pub voices_dir: Option<PathBuf>,
+    /// The voice OpenAI's voice names speak with unless `voice_aliases` says otherwise; `None`:
+    /// the first voice by name.
+    pub default_voice: Option<String>,
+    /// Request voice names (OpenAI's `alloy`, `nova`, … or any other) → voice ids.
+    pub voice_aliases: std::collections::BTreeMap<String, String>,
+    pub max_input_chars: usize,
+    /// ONNX Runtime's threads per voice model; `None`: its default (one per physical core).
+    pub cpu_threads: Option<usize>,
+    /// Overrides of the voices' own noise scales (Piper's `--noise-scale`, `--noise-w`); both 0
+    /// make the output deterministic.
+    pub noise: Noise,
+}
+
+/// Piper's generator and duration noise, when the config overrides a voice's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Noise {
+    pub scale: Option<f32>,
+    pub width: Option<f32>,
+}
+
+impl Eq for Noise {}
+
 pub const DEFAULT_MAX_RUNNING_SEQUENCES: usize = 16;
 pub const DEFAULT_LLM_BATCH_TOKENS: usize = 512;
 
@@ -352,6 +408,7 @@ pub const DEFAULT_LLM_BATCH_TOKENS: usize = 512;
 pub enum KindConfig {
     Llm(LlmConfig),
     Stt(SttConfig),
+    Tts(TtsConfig),
     Embedding(EncoderConfig),
     Rerank(RerankConfig),
 }
@@ -383,6 +440,7 @@ impl ModelConfig {
         match &self.options {
             KindConfig::Llm(llm) => Some(&llm.weights),
             KindConfig::Stt(stt) => Some(&stt.weights),
+            KindConfig::Tts(tts) => Some(&tts.weights),
             KindConfig::Embedding(encoder) | KindConfig::Rerank(RerankConfig::Load { encoder, .. }) => {
                 Some(&encoder.weights)
             }
@@ -456,15 +514,6 @@ pub(super) fn parse_entry(
             ))
         }
     };
-    if kind == ModelKind::Tts {
-        return Err(invalid(
-            field("kind"),
-            format!(
-                "`{kind}` models are not supported by this version yet; supported: `llm`, `stt`, `embedding`, \
-                 `rerank`"
-            ),
-        ));
-    }
     check_keys(table.get_ref(), &allowed_keys(kind), origin, &prefix, &format!("`{kind}` models"))?;
 
     // The preset's defaults fill in what the entry does not set.
@@ -512,6 +561,7 @@ pub(super) fn parse_entry(
     let options = match kind {
         ModelKind::Llm => KindConfig::Llm(parse_llm(&entry, read(table, origin, &prefix)?)?),
         ModelKind::Stt => KindConfig::Stt(parse_stt(&entry, read(table, origin, &prefix)?)?),
+        ModelKind::Tts => KindConfig::Tts(parse_tts(&entry, read(table, origin, &prefix)?)?),
         _ => {
             let rerank: RawRerank = read(split_off(&mut table, RERANK_KEYS), origin, &prefix)?;
             let encoder: RawEncoder = read(table, origin, &prefix)?;
@@ -753,6 +803,50 @@ fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
         None => DEFAULT_MAX_AUDIO_SECS,
     };
     Ok(SttConfig { weights: entry.weights(DEFAULT_STT_FILES)?, max_audio_secs })
+}
+
+/// Files of a Piper voice on the hub when the entry names none.
+pub const DEFAULT_TTS_FILES: &[&str] = &["*.onnx", "*.onnx.json"];
+
+fn parse_tts(entry: &Entry, raw: RawTts) -> Result<TtsConfig, ConfigError> {
+    let voices_dir = match raw.voices_dir {
+        None => None,
+        Some(dir) if is_plain_relative(Path::new(&dir)) => Some(entry.models_dir.join(dir)),
+        Some(dir) => {
+            return Err(invalid(
+                entry.field("voices_dir"),
+                format!("`{dir}` must be a plain relative path inside the models directory (no `..`, `.` or leading `/`)"),
+            ))
+        }
+    };
+    let max_input_chars = match raw.max_input_chars {
+        Some(0) => return Err(invalid(entry.field("max_input_chars"), "must be at least 1")),
+        Some(n) => n,
+        None => DEFAULT_MAX_INPUT_CHARS,
+    };
+    if raw.cpu_threads == Some(0) {
+        return Err(invalid(entry.field("cpu_threads"), "must be at least 1"));
+    }
+    for (name, value) in [("noise_scale", raw.noise_scale), ("noise_w", raw.noise_w)] {
+        if value.is_some_and(|v| !(0.0..=2.0).contains(&v)) {
+            return Err(invalid(entry.field(name), "must be between 0 and 2"));
+        }
+    }
+    let voice_aliases = raw.voice_aliases.unwrap_or_default();
+    if let Some((alias, _)) =
+        voice_aliases.iter().find(|(alias, target)| alias.is_empty() || target.is_empty())
+    {
+        return Err(invalid(entry.field("voice_aliases"), format!("alias `{alias}` must name a voice")));
+    }
+    Ok(TtsConfig {
+        weights: entry.weights(DEFAULT_TTS_FILES)?,
+        voices_dir,
+        default_voice: raw.default_voice,
+        voice_aliases,
+        max_input_chars,
+        cpu_threads: raw.cpu_threads,
+        noise: Noise { scale: raw.noise_scale, width: raw.noise_w },
+    })
 }
 
 /// Entries that use another entry's model must name an existing `embedding` entry with weights of

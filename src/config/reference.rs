@@ -74,6 +74,11 @@ pub const SERVER: Section = Section {
             "Estimated memory all loaded models may take; least recently used idle models are unloaded to make room, and a load the models in use leave no room for gets 429.",
         ),
         key("preprocess_threads", "the CPU count", "Threads that tokenize for every model."),
+        key(
+            "onnxruntime_library",
+            "`ORT_DYLIB_PATH`, else `$HEARTH_LIB_DIR/libonnxruntime.so` (`~/.cache/hearth/lib`)",
+            "ONNX Runtime's shared library, loaded when the first `tts` model loads (`scripts/fetch-models onnxruntime` installs it); missing: that model fails to load with an error naming the path.",
+        ),
         key("preprocess_queue_depth", "`1024`", "Tokenization tasks waiting for those threads; more get 429."),
         key(
             "allowed_hosts",
@@ -101,7 +106,7 @@ pub const SERVER: Section = Section {
 
 pub const ROUTES: Section = Section {
     table: "[server.routes.\"ROUTE\"]",
-    intro: "One model route's own limits; ROUTE is `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/rerank`, `/rerank`, `/v1/audio/transcriptions` or `/v1/audio/translations`. Unset keys take the `[server]` values.",
+    intro: "One model route's own limits; ROUTE is `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/rerank`, `/rerank`, `/v1/audio/transcriptions`, `/v1/audio/translations` or `/v1/audio/speech`. Unset keys take the `[server]` values.",
     keys: &[
         key(
             "max_request_body_bytes",
@@ -174,7 +179,7 @@ pub const MODEL_COMMON: Section = Section {
     intro: "One table per served model; a preset's `[defaults]` fill in what the entry does not set. Models change on SIGHUP.",
     keys: &[
         key("id", "required", "The name clients send as `model`: letters, digits and `._:/-`."),
-        key("kind", "the preset's", "`llm`, `stt`, `embedding` or `rerank`."),
+        key("kind", "the preset's", "`llm`, `stt`, `tts`, `embedding` or `rerank`."),
         key("preset", "–", "A catalogue entry (`hearth models list`) giving the source, files and default options."),
         key(
             "source",
@@ -283,6 +288,28 @@ pub const MODEL_STT: Section = Section {
     )],
 };
 
+pub const MODEL_TTS: Section = Section {
+    table: "[[models]] (`tts`)",
+    intro: "Piper voices: every `*.onnx` with its `*.onnx.json` in the `source` folder (and in `voices_dir`) is a voice named by its file stem (`stem:speaker` for each speaker of a multi-speaker voice). Needs a binary built with `--features tts`. `device`: `cpu` or `cuda[:N]` (ONNX Runtime's CUDA provider, which needs the GPU build of ONNX Runtime).",
+    keys: &[
+        key(
+            "voices_dir",
+            "none",
+            "A folder inside the models directory of more voices (custom-trained Piper voices): looked at again on `SIGHUP`, so a voice dropped in is served without a restart.",
+        ),
+        key(
+            "default_voice",
+            "the first voice by name",
+            "The voice OpenAI's voice names (`alloy`, `ash`, `ballad`, `cedar`, `coral`, `echo`, `fable`, `marin`, `nova`, `onyx`, `sage`, `shimmer`, `verse`) speak with when `voice_aliases` does not map them.",
+        ),
+        key("voice_aliases", "none", "A table of request voice names → voice ids, e.g. `{ nova = \"en_US-amy-medium\" }`."),
+        key("max_input_chars", "`4096`", "Longer `input` gets 400 (OpenAI's limit)."),
+        key("cpu_threads", "ONNX Runtime's (physical cores)", "ONNX Runtime's intra-op threads for this model's voices."),
+        key("noise_scale", "the voice's (`inference.noise_scale`)", "Piper's generator noise, 0–2."),
+        key("noise_w", "the voice's (`inference.noise_w`)", "Piper's phoneme-duration noise, 0–2; with `noise_scale = 0` too, the same input always gives the same samples."),
+    ],
+};
+
 pub const SECTIONS: &[&Section] = &[
     &TOP,
     &SERVER,
@@ -295,6 +322,7 @@ pub const SECTIONS: &[&Section] = &[
     &MODEL_RERANK,
     &MODEL_LLM,
     &MODEL_STT,
+    &MODEL_TTS,
 ];
 
 /// The reference as Markdown (what `hearth config reference` prints).
@@ -393,6 +421,7 @@ mod tests {
         assert_eq!(names(&MODEL_RERANK), set(model::RERANK_KEYS));
         assert_eq!(names(&MODEL_LLM), set(model::LLM_KEYS));
         assert_eq!(names(&MODEL_STT), set(model::STT_KEYS));
+        assert_eq!(names(&MODEL_TTS), set(model::TTS_KEYS));
     }
 
     #[test]

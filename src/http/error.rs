@@ -414,12 +414,14 @@ impl From<EngineError> for ApiError {
                 param: Some(if what == "documents" { "documents" } else { "input" }.into()),
             },
             EngineError::InvalidDimensions { .. } => Self::invalid(message, "dimensions"),
+            EngineError::InvalidInput { param, .. } => Self::invalid(message, param),
             EngineError::Overloaded { reason, .. } => {
                 Self::Overloaded { message, retry_after: reason.retry_after() }
             }
             EngineError::PreprocessingBusy { .. } => {
                 Self::Overloaded { message, retry_after: Duration::from_secs(1) }
             }
+            EngineError::Audio(hearth_audio::AudioError::Encode { .. }) => Self::Internal { cause: message },
             EngineError::Audio(audio) => Self::InvalidAudio { message, code: audio.code() },
             EngineError::ShuttingDown { .. } => Self::ShuttingDown,
             EngineError::ModelFailed { model } => Self::ModelNotReady { model, failed: true },

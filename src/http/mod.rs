@@ -14,6 +14,7 @@ pub mod health;
 pub mod json;
 pub mod models;
 pub mod rerank;
+pub mod speech;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,6 +126,8 @@ pub fn router(state: AppState) -> Router {
         .route("/rerank", limited(server, "/rerank", rerank::create))
         .route("/v1/audio/transcriptions", limited(server, "/v1/audio/transcriptions", audio::transcriptions))
         .route("/v1/audio/translations", limited(server, "/v1/audio/translations", audio::translations))
+        .route("/v1/audio/speech", limited(server, "/v1/audio/speech", speech::create))
+        .route("/v1/audio/voices", get(speech::voices))
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
         .route("/v1/models/{*id}", get(models::retrieve))

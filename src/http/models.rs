@@ -50,7 +50,7 @@ pub fn describe(entry: &ModelEntry) -> ModelObject {
             Served::Llm(generator) => {
                 object.max_input_tokens = Some(generator.context_length());
             }
-            Served::Stt(_) => {}
+            Served::Stt(_) | Served::Tts(_) => {}
             Served::Embedding(embedder) => {
                 object.dimensions = Some(embedder.info().dims);
                 object.max_input_tokens = Some(embedder.limits().length.max_tokens);

@@ -31,6 +31,7 @@ EMBED_MODEL = "all-minilm-l6-v2"
 RERANK_MODEL = "all-minilm-l6-v2-rerank"
 LLM_MODEL = "smollm2-135m-instruct"
 STT_MODEL = "whisper-base"
+TTS_MODEL = "piper-joe"
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 
@@ -228,7 +229,7 @@ def log_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(log_dir) -> HearthServer:
-    """The session's server: config/offline.toml (SmolLM2 chat, Whisper base speech to text, MiniLM embeddings and bi-encoder rerank)."""
+    """The session's server: config/offline.toml (SmolLM2 chat, Whisper base speech to text, Piper joe text to speech, MiniLM embeddings and bi-encoder rerank)."""
     srv = launch(
         "offline",
         lambda port: ["serve", "--config", str(OFFLINE_CONFIG), "--port", str(port), "--log-format", "json"],

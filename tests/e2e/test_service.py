@@ -7,13 +7,14 @@ import re
 import openai
 import pytest
 
-from conftest import EMBED_MODEL, LLM_MODEL, RERANK_MODEL, STT_MODEL
+from conftest import EMBED_MODEL, LLM_MODEL, RERANK_MODEL, STT_MODEL, TTS_MODEL
 
 
 def test_models_list(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {EMBED_MODEL, RERANK_MODEL, LLM_MODEL, STT_MODEL}
+    assert set(models) == {EMBED_MODEL, RERANK_MODEL, LLM_MODEL, STT_MODEL, TTS_MODEL}
     assert (models[STT_MODEL].kind, models[STT_MODEL].state) == ("stt", "ready")
+    assert (models[TTS_MODEL].kind, models[TTS_MODEL].state) == ("tts", "ready")
     embed, rerank, llm = models[EMBED_MODEL], models[RERANK_MODEL], models[LLM_MODEL]
     assert (llm.kind, llm.state) == ("llm", "ready") and llm.max_input_tokens == 8192
     assert embed.object == "model" and embed.owned_by == "hearth" and embed.created > 0
@@ -52,6 +53,7 @@ def test_ready_lists_every_model_ready(http):
         (RERANK_MODEL, "rerank", "ready"),
         (LLM_MODEL, "llm", "ready"),
         (STT_MODEL, "stt", "ready"),
+        (TTS_MODEL, "tts", "ready"),
     }
 
 

@@ -1,6 +1,7 @@
 //! Hearth's integration tests: the real router, real config parsing and real (tiny) models, driven
 //! without sockets. `--features real-weights` adds the tests on the real all-MiniLM-L6-v2 and
-//! SmolLM2-135M-Instruct and Whisper base weights installed by `scripts/fetch-models`.
+//! SmolLM2-135M-Instruct, Whisper base and Piper joe weights installed by `scripts/fetch-models`
+//! (the Piper tests also need `--features tts`).
 
 mod api_errors;
 mod audio_api;
@@ -12,6 +13,8 @@ mod lifecycle;
 mod operations;
 #[cfg(feature = "real-weights")]
 mod real_llm;
+#[cfg(all(feature = "real-weights", feature = "tts"))]
+mod real_piper;
 #[cfg(feature = "real-weights")]
 mod real_weights;
 #[cfg(feature = "real-weights")]

@@ -113,6 +113,9 @@ pub struct Reply {
     pub headers: HeaderMap,
     pub body: Value,
     pub text: String,
+    /// The raw body (audio); read by the speech tests, which need `--features tts`.
+    #[cfg_attr(not(feature = "tts"), allow(dead_code))]
+    pub bytes: Vec<u8>,
 }
 
 impl App {
@@ -123,7 +126,7 @@ impl App {
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Reply { status, headers, body, text }
+        Reply { status, headers, body, text, bytes: bytes.to_vec() }
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {

@@ -29,6 +29,9 @@ pub enum AudioError {
     TooManyChannels(usize),
     #[error("cannot resample from {from_hz} Hz to {to_hz} Hz: {detail}")]
     Resample { from_hz: u32, to_hz: u32, detail: String },
+    /// Writing audio out failed (a server fault, not the client's).
+    #[error("could not encode {format} audio: {message}")]
+    Encode { format: String, message: String },
 }
 
 impl AudioError {
@@ -46,6 +49,7 @@ impl AudioError {
             AudioError::TooLong { .. } => "audio_too_long",
             AudioError::TooManyChannels(_) => "unsupported_audio_channels",
             AudioError::Resample { .. } => "unsupported_sample_rate",
+            AudioError::Encode { .. } => "audio_encoding_failed",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Audio in for Hearth's speech models: decode an upload in any common format to mono samples,
-//! resample it to the rate a model wants, and compute Whisper's log-mel features.
+//! Audio in and out for Hearth's speech models: decode an upload in any common format to mono
+//! samples, resample it to the rate a model wants, compute Whisper's log-mel features, and encode
+//! synthesized speech as mp3, opus, flac, wav or pcm.
 //!
 //! Pure functions over byte slices and sample vectors: no models, no threads, no I/O beyond the
 //! bytes handed in, so every step is tested in milliseconds. Bad input of every kind comes back as
@@ -7,11 +8,13 @@
 //! request data.
 
 mod decode;
+mod encode;
 mod error;
 pub mod mel;
 mod resample;
 
 pub use decode::{decode, DecodeLimits, Decoded};
+pub use encode::{AudioFormat, Encoder};
 pub use error::AudioError;
 pub use mel::{LogMel, MelConfig};
 pub use resample::resample;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod gguf_tokenizer;
 pub mod llm_vocab;
 pub mod model_dir;
+pub mod piper;
 pub mod quant;
 pub mod whisper;
 

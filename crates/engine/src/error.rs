@@ -133,6 +133,10 @@ pub enum EngineError {
     #[error("model `{model}` failed: {message}")]
     Backend { model: Arc<str>, message: String },
 
+    /// A request field the model cannot use (`param` names it; the message says why).
+    #[error("{message}")]
+    InvalidInput { param: &'static str, message: String },
+
     /// An upload that is not usable audio (the message names the problem).
     #[error("{0}")]
     Audio(hearth_audio::AudioError),

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod queue;
 pub mod registry;
 pub mod rerank;
+pub mod synthesize;
 pub mod tokenize;
 pub mod transcribe;
 pub mod vector;

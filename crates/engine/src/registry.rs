@@ -13,12 +13,14 @@ use crate::embed::Embedder;
 use crate::generate::service::Generator;
 use crate::kind::ModelKind;
 use crate::rerank::Reranker;
+use crate::synthesize::Synthesizer;
 use crate::transcribe::Transcriber;
 
 /// A loaded model, by capability.
 pub enum Served {
     Llm(Arc<Generator>),
     Stt(Arc<Transcriber>),
+    Tts(Arc<Synthesizer>),
     Embedding(Arc<Embedder>),
     Rerank(Reranker),
 }
@@ -28,6 +30,7 @@ impl Served {
         match self {
             Self::Llm(_) => ModelKind::Llm,
             Self::Stt(_) => ModelKind::Stt,
+            Self::Tts(_) => ModelKind::Tts,
             Self::Embedding(_) => ModelKind::Embedding,
             Self::Rerank(_) => ModelKind::Rerank,
         }
@@ -38,6 +41,7 @@ impl Served {
         match self {
             Self::Llm(g) => g.in_flight(),
             Self::Stt(t) => t.in_flight(),
+            Self::Tts(t) => t.in_flight(),
             Self::Embedding(e) => e.in_flight(),
             Self::Rerank(r) => r.in_flight(),
         }
@@ -48,6 +52,7 @@ impl Served {
         match self {
             Self::Llm(g) => g.scheduler().is_alive(),
             Self::Stt(t) => t.is_alive(),
+            Self::Tts(t) => t.is_alive(),
             Self::Embedding(e) => e.service().worker.is_alive(),
             Self::Rerank(r) => r.is_alive(),
         }
@@ -58,6 +63,7 @@ impl Served {
         match self {
             Self::Llm(g) => g.scheduler().failed().await,
             Self::Stt(t) => t.failed().await,
+            Self::Tts(t) => t.failed().await,
             Self::Embedding(e) => e.service().worker.failed().await,
             Self::Rerank(r) => r.failed().await,
         }
@@ -84,6 +90,7 @@ impl Served {
         match self {
             Self::Llm(g) => stop(&|d| g.scheduler().begin_shutdown(d), &|d| g.scheduler().shutdown(d)),
             Self::Stt(t) => stop(&|d| t.begin_shutdown(d), &|d| t.shutdown(d)),
+            Self::Tts(t) => stop(&|d| t.begin_shutdown(d), &|d| t.shutdown(d)),
             Self::Embedding(e) | Self::Rerank(Reranker::BiEncoder { embedder: e, .. }) => {
                 let worker = &e.service().worker;
                 stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))
