@@ -324,6 +324,34 @@ fn link_or_copy(from: &Path, to: &Path) {
     }
 }
 
+/// A voice whose config and model disagree (several speakers declared, no `sid` input) is refused
+/// when its folder loads, naming the problem; in a voices folder it is skipped and the rest serve.
+#[test]
+fn a_voice_whose_files_disagree_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    link_or_copy(&voice_dir().join(format!("{VOICE}.onnx")), &root.path().join("multi.onnx"));
+    let mut config: Value = serde_json::from_str(
+        &std::fs::read_to_string(voice_dir().join(format!("{VOICE}.onnx.json"))).unwrap(),
+    )
+    .unwrap();
+    config["num_speakers"] = json!(2);
+    config["speaker_id_map"] = json!({"a": 0, "b": 1});
+    std::fs::write(root.path().join("multi.onnx.json"), config.to_string()).unwrap();
+    let options = |folders: Vec<PathBuf>| PiperOptions {
+        device: Device::Cpu,
+        onnxruntime: onnxruntime(),
+        folders,
+        threads: None,
+        noise_scale: None,
+        noise_w: None,
+    };
+    let refused = PiperVoices::load(options(vec![root.path().to_path_buf()])).err().expect("refused");
+    assert!(refused.to_string().contains("`sid`"), "{refused}");
+    let served = PiperVoices::load(options(vec![voice_dir(), root.path().to_path_buf()])).unwrap();
+    let ids: Vec<String> = served.voices().into_iter().map(|v| v.id).collect();
+    assert_eq!(ids, [VOICE]);
+}
+
 /// A voices folder: a voice dropped in is served after a rescan (what `SIGHUP` runs), without a
 /// restart; one removed is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,6 +161,7 @@ impl PiperVoices {
         }
         config.espeak_voice().map_err(|e| ort_error(model, e))?;
         let session = self.session(model)?;
+        check_inputs(model, &session, config.num_speakers > 1)?;
         Ok(Voice { config, session, model: model.to_path_buf(), modified: modified(model) })
     }
 
@@ -280,6 +281,29 @@ impl SpeechSynthesizer for PiperVoices {
 
     fn rescan(&mut self) -> Result<(), BoxError> {
         Ok(self.scan(false)?)
+    }
+}
+
+/// A Piper model takes `input`, `input_lengths` and `scales`, and `sid` exactly when its config
+/// declares more than one speaker; a voice whose files disagree is refused when it loads.
+fn check_inputs(model: &Path, session: &Session, multi_speaker: bool) -> Result<(), BackendError> {
+    let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    for wanted in ["input", "input_lengths", "scales"] {
+        if !names.contains(&wanted) {
+            return Err(ort_error(
+                model,
+                format!("not a Piper voice: it has no `{wanted}` input (inputs: {names:?})"),
+            ));
+        }
+    }
+    match (multi_speaker, names.contains(&"sid")) {
+        (true, false) => {
+            Err(ort_error(model, "its config declares several speakers, but the model has no `sid` input"))
+        }
+        (false, true) => {
+            Err(ort_error(model, "the model takes a speaker (`sid`), but its config declares one speaker"))
+        }
+        _ => Ok(()),
     }
 }
 
