@@ -12,7 +12,10 @@
 //! Results go to `benches/results/embeddings.json`; `benches/README.md` explains how to read them.
 //! Environment: `HEARTH_MODELS_DIR` (default `~/.cache/hearth/models`), `HEARTH_PEER_PYTHON` (default
 //! `~/.cache/hearth/venv/bin/python`), `HEARTH_PEERS_DIR` (default `~/.cache/hearth/peers`),
-//! `HEARTH_BENCH_HTTP_SECONDS` (measured seconds per concurrency level, default 10).
+//! `HEARTH_BENCH_HTTP_SECONDS` (measured seconds per concurrency level, default 10),
+//! `HEARTH_BENCH_EMBED_SOURCE` (the model folder, default `all-minilm-l6-v2`; e.g.
+//! `all-minilm-l6-v2-int8` for the int8 ONNX export on the ONNX Runtime backend, which needs
+//! `--features onnx`): results for another folder go to `benches/results/embeddings-FOLDER.json`.
 
 mod common;
 
@@ -116,8 +119,9 @@ async fn bench() {
         "command": "cargo bench --bench embeddings",
         "machine": machine(),
         "model": MODEL,
+        "source": source(),
         "device": "cpu",
-        "dtype": "f32",
+        "dtype": if source() == MODEL { "f32" } else { "the folder's (ONNX export when it has one)" },
         "sentences": sentences.len(),
         "throughput": throughput.iter().map(ThroughputResult::to_json).collect::<Vec<_>>(),
         "peer": peer_json,
@@ -131,7 +135,11 @@ async fn bench() {
         },
         "peak_rss_mib": peak_rss_mib,
     });
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/embeddings.json");
+    let name = match source().as_str() {
+        MODEL => "embeddings.json".to_string(),
+        other => format!("embeddings-{other}.json"),
+    };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results").join(name);
     let text = serde_json::to_string_pretty(&results).expect("the results serialize");
     std::fs::write(&path, text + "\n").unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     println!("results written to {}", path.display());
@@ -140,13 +148,19 @@ async fn bench() {
 /// One model served as configured by `extra_toml` (options added to the preset's), loaded the way
 /// `hearth serve` loads it.
 async fn load_minilm(models_dir: &Path, extra_toml: &str) -> AppState {
+    let source = source();
     let text =
-        format!("[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{MODEL}\"\n{extra_toml}");
+        format!("[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{source}\"\n{extra_toml}");
     let overrides = Overrides { models_dir: Some(models_dir.to_owned()), ..Overrides::default() };
     let config = Config::parse(&text, None, &overrides).expect("the bench's model config is valid");
     let state = AppState::new(config).expect("the server state starts");
     load_models(state.clone()).await;
     state
+}
+
+/// The folder the model is loaded from (`HEARTH_BENCH_EMBED_SOURCE`, default [`MODEL`]).
+fn source() -> String {
+    std::env::var("HEARTH_BENCH_EMBED_SOURCE").unwrap_or_else(|_| MODEL.to_string())
 }
 
 /// The loaded model; panics with a hint when it failed to load.
@@ -243,7 +257,10 @@ fn run_peer(models_dir: &Path) -> Result<Value, String> {
     let python =
         std::env::var_os("HEARTH_PEER_PYTHON").map_or_else(|| cache.join("venv/bin/python"), PathBuf::from);
     let peers_dir = std::env::var_os("HEARTH_PEERS_DIR").map_or_else(|| cache.join("peers"), PathBuf::from);
-    let onnx = peers_dir.join("minilm-int8/model.onnx");
+    // The peers' own copy (benches/peers/setup.sh), else the same file scripts/fetch-models installs.
+    let onnx = Some(peers_dir.join("minilm-int8/model.onnx"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| models_dir.join("all-minilm-l6-v2-int8/model.onnx"));
     let tokenizer = models_dir.join(MODEL).join("tokenizer.json");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/embed_ort.py");
     for (what, path) in [("peer python", &python), ("peer model", &onnx), ("tokenizer", &tokenizer)] {

@@ -55,6 +55,9 @@ async fn bench() {
     let documents: Vec<Document> = read_jsonl(&data_dir.join("corpus.jsonl"));
     let queries: Vec<Query> = read_jsonl(&data_dir.join("queries.jsonl"));
     let models_dir = std::env::var_os("HEARTH_MODELS_DIR").map_or_else(default_models_dir, PathBuf::from);
+    // `HEARTH_BENCH_EMBED_SOURCE`: another folder of the same model (the int8 ONNX export, with
+    // `--features onnx`); its results go to `retrieval-FOLDER.json`.
+    let source = std::env::var("HEARTH_BENCH_EMBED_SOURCE").unwrap_or_else(|_| MODEL.to_string());
     println!(
         "Hearth retrieval bench: {MODEL} from {} on retrieval-debian ({} documents, {} queries)",
         models_dir.display(),
@@ -64,7 +67,7 @@ async fn bench() {
 
     // Documents are longer than the model's 256 tokens; the set's reference embeds them truncated.
     let text = format!(
-        "[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{MODEL}\"\ntruncate = true\n"
+        "[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{source}\"\ntruncate = true\n"
     );
     let overrides = Overrides { models_dir: Some(models_dir), ..Overrides::default() };
     let state =
@@ -122,7 +125,7 @@ async fn bench() {
     metrics.insert(format!("mrr@{MRR_CUTOFF}"), json!(round(reciprocal_rank_sum / n_queries, 4)));
     let wall_seconds = started.elapsed().as_secs_f64();
 
-    println!("  Hearth MiniLM (candle f32):   {}", format_metrics(&metrics));
+    println!("  Hearth MiniLM ({source}):   {}", format_metrics(&metrics));
     let mut references = serde_json::Map::new();
     for (name, label, reference) in reference_points() {
         println!("  {label:<29} {}", format_metrics(&reference));
@@ -154,7 +157,9 @@ async fn bench() {
         "query_tokens": query_tokens,
         "wall_seconds": round(wall_seconds, 1),
     });
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/retrieval.json");
+    let name =
+        if source == MODEL { "retrieval.json".to_string() } else { format!("retrieval-{source}.json") };
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results").join(name);
     let text = serde_json::to_string_pretty(&results).expect("the results serialize");
     std::fs::write(&path, text + "\n").unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     println!("results written to {}", path.display());

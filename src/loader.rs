@@ -30,10 +30,11 @@ use hearth_engine::synthesize::Synthesizer;
 use hearth_engine::synthesize::{SpeechSynthesizer, Synthesize, SynthesizerOptions};
 use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
 use hearth_engine::transcribe::{Transcriber, TranscriberOptions};
+use hearth_engine::Device;
 
 use crate::config::{
-    EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig, ScoringChoice, SttConfig,
-    TextConfig, TtsConfig,
+    EncoderBackend, EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig,
+    ScoringChoice, SttConfig, TextConfig, TtsConfig,
 };
 use crate::store::{downloads_allowed, Store};
 
@@ -45,7 +46,7 @@ pub struct Loader {
     pool: Arc<BlockingPool>,
     registry: Arc<Registry>,
     /// ONNX Runtime's library, for `tts` voices.
-    #[cfg_attr(not(feature = "tts"), allow(dead_code))]
+    #[cfg_attr(not(feature = "onnx"), allow(dead_code))]
     onnxruntime: PathBuf,
 }
 
@@ -83,6 +84,12 @@ impl Loader {
                 Ok(Served::Embedding(Arc::new(self.embedder(config, encoder, dir).await?)))
             }
             KindConfig::Rerank(RerankConfig::Load { encoder, scoring }) => {
+                if encoder.backend == EncoderBackend::Onnx {
+                    bail!(
+                        "model `{}`: rerankers run on candle; `backend = \"onnx\"` serves embedders",
+                        config.id
+                    );
+                }
                 let dir = self.inspect(encoder).await?;
                 let cross = match (scoring, dir.head) {
                     (ScoringChoice::BiEncoder, Head::SequenceClassification { .. }) => bail!(
@@ -348,9 +355,65 @@ impl Loader {
         dir: ModelDir,
     ) -> anyhow::Result<Embedder> {
         let max_positions = dir.max_positions;
-        let (service, loaded) = self.service(config, encoder, dir, CandleEmbedder::load).await?;
+        let (service, loaded) = if self.onnx_backend(config, encoder, &dir)? {
+            self.onnx_embedder(config, encoder, dir).await?
+        } else {
+            self.service(config, encoder, dir, CandleEmbedder::load).await?
+        };
         let info = EmbeddingInfo { dims: loaded.dims, vocab_size: loaded.vocab_size, max_positions };
         Ok(Embedder::new(service, info))
+    }
+
+    /// Whether an embedder runs on ONNX Runtime: asked for, or `auto` with an ONNX export in the
+    /// folder, ONNX Runtime in the build and the CPU as the device.
+    fn onnx_backend(
+        &self,
+        config: &ModelConfig,
+        encoder: &EncoderConfig,
+        dir: &ModelDir,
+    ) -> anyhow::Result<bool> {
+        Ok(match encoder.backend {
+            EncoderBackend::Candle => false,
+            EncoderBackend::Onnx if cfg!(feature = "onnx") => true,
+            EncoderBackend::Onnx => bail!(
+                "model `{}` asks for `backend = \"onnx\"`, but this Hearth was built without ONNX Runtime \
+                 (build with `--features onnx` or `tts`)",
+                config.id
+            ),
+            EncoderBackend::Auto => {
+                cfg!(feature = "onnx")
+                    && dir.onnx.is_some()
+                    && match encoder.weights.device {
+                        Device::Cpu => true,
+                        Device::Auto => {
+                            hearth_backends::device::select_device(Device::Auto).is_ok_and(|d| d.is_cpu())
+                        }
+                        Device::Cuda(_) | Device::Metal => false,
+                    }
+            }
+        })
+    }
+
+    #[cfg(feature = "onnx")]
+    async fn onnx_embedder(
+        &self,
+        config: &ModelConfig,
+        encoder: &EncoderConfig,
+        dir: ModelDir,
+    ) -> anyhow::Result<(EncoderService<Vec<f32>>, LoadedEncoder)> {
+        hearth_backends::onnx::onnx_environment(&self.onnxruntime)
+            .with_context(|| format!("cannot load model `{}`", config.id))?;
+        self.service(config, encoder, dir, hearth_backends::onnx_encoder::OnnxEmbedder::load).await
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    async fn onnx_embedder(
+        &self,
+        _config: &ModelConfig,
+        _encoder: &EncoderConfig,
+        _dir: ModelDir,
+    ) -> anyhow::Result<(EncoderService<Vec<f32>>, LoadedEncoder)> {
+        unreachable!("onnx_backend() is false without the `onnx` feature")
     }
 
     /// Starts the owner thread of a text encoder and wraps it with its tokenizer, limits and

@@ -23,9 +23,9 @@ use toml::Spanned;
 
 pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
-    parse_source, EncoderConfig, KeepAlive, KindConfig, KvCacheType, LlmConfig, ModelConfig, ModelSource,
-    RerankConfig, ScoringChoice, SttConfig, TextConfig, TtsConfig, Weights, DEFAULT_ENCODER_FILES,
-    DEFAULT_LLM_FILES, DEFAULT_STT_FILES, DEFAULT_TTS_FILES,
+    parse_source, EncoderBackend, EncoderConfig, KeepAlive, KindConfig, KvCacheType, LlmConfig, ModelConfig,
+    ModelSource, RerankConfig, ScoringChoice, SttConfig, TextConfig, TtsConfig, Weights,
+    DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES, DEFAULT_STT_FILES, DEFAULT_TTS_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.
@@ -699,7 +699,10 @@ mod tests {
                 "line 5",
             ],
         );
-        check_error(&format!("{LOCAL}backend = \"candle\""), &["unknown field `backend`"]);
+        check_error(
+            &format!("{LOCAL}backend = \"tensorrt\""),
+            &["`models[0].backend`", "`candle`", "`onnx`"],
+        );
         check_error("[[models]]\nkind = \"embedding\"\nsource = \"m\"", &["`models[0].id`", "is required"]);
         check_error(
             "[[models]]\nid = \"a b\"\nkind = \"embedding\"\nsource = \"m\"",

@@ -38,6 +38,7 @@ pub(crate) const IDENTITY_KEYS: &[&str] = &["id", "kind", "preset", "source", "f
 
 /// Options of encoder models (the `embedding` and `rerank` kinds).
 pub(super) const ENCODER_KEYS: &[&str] = &[
+    "backend",
     "architecture",
     "pooling",
     "normalize",
@@ -190,6 +191,7 @@ struct RawCommon {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEncoder {
+    backend: Option<EncoderBackend>,
     architecture: Option<String>,
     pooling: Option<Pooling>,
     normalize: Option<bool>,
@@ -314,6 +316,7 @@ pub struct TextConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncoderConfig {
     pub weights: Weights,
+    pub backend: EncoderBackend,
     pub architecture: Option<Architecture>,
     pub pooling: Option<Pooling>,
     pub normalize: Option<bool>,
@@ -322,6 +325,20 @@ pub struct EncoderConfig {
     /// Refuse a request at once when the work queued ahead would keep it waiting longer than this
     /// (`max_queue_wait_ms`; 0 turns it off).
     pub max_queue_wait: Option<Duration>,
+}
+
+/// What runs an encoder's forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderBackend {
+    /// ONNX Runtime on the CPU when the folder has an ONNX export and the build has ONNX Runtime
+    /// (the `tts` feature); candle otherwise.
+    #[default]
+    Auto,
+    /// candle (safetensors or `pytorch_model.bin`), on any device; exact f32.
+    Candle,
+    /// ONNX Runtime on the folder's ONNX export (embedders, CPU).
+    Onnx,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -670,6 +687,7 @@ fn parse_encoder(
             ("max_batch_size", encoder.max_batch_size.is_some()),
             ("max_batch_memory_mib", encoder.max_batch_memory_mib.is_some()),
             ("max_queue_wait_ms", encoder.max_queue_wait_ms.is_some()),
+            ("backend", encoder.backend.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -690,6 +708,7 @@ fn parse_encoder(
 
     let weights = entry.weights(DEFAULT_ENCODER_FILES)?;
     let encoder_config = EncoderConfig {
+        backend: encoder.backend.unwrap_or_default(),
         weights,
         architecture: match &encoder.architecture {
             None => None,

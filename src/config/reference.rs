@@ -200,6 +200,11 @@ pub const MODEL_ENCODER: Section = Section {
     table: "[[models]] (`embedding`, `rerank`)",
     intro: "",
     keys: &[
+        key(
+            "backend",
+            "`\"auto\"`",
+            "`auto`: ONNX Runtime on the CPU when the folder has an ONNX export (`onnx/model_quantized.onnx`, `model_qint8_*.onnx`, `onnx/model.onnx`, `model.onnx`, the int8 ones first) and the binary has ONNX Runtime (`--features tts`), candle otherwise; `candle` (exact f32, any device); `onnx` (embedders on the CPU). Rerankers run on candle.",
+        ),
         key("architecture", "from the weights", "`bert` or `xlm-roberta`; if set, must match `config.json`."),
         key("pooling", "the sentence-transformers config", "`mean`, `cls` or `last-token`."),
         key("normalize", "the sentence-transformers config", "L2-normalise embeddings."),

@@ -13,6 +13,8 @@ mod lifecycle;
 mod operations;
 #[cfg(feature = "real-weights")]
 mod real_llm;
+#[cfg(all(feature = "real-weights", feature = "onnx"))]
+mod real_onnx;
 #[cfg(all(feature = "real-weights", feature = "tts"))]
 mod real_piper;
 #[cfg(feature = "real-weights")]

@@ -61,6 +61,13 @@ fn load(
         // serving, and the models directory is documented as not to be modified in place.
         Weights::Safetensors(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, &device)? },
         Weights::PyTorch(file) => VarBuilder::from_pth(file, dtype, &device)?,
+        Weights::OnnxOnly => {
+            return Err(BackendError::Unsupported(format!(
+                "{} holds only an ONNX export, which candle cannot run; serve it with `backend = \"onnx\"` \
+                 (a build with `--features tts` or `onnx`), or add model.safetensors",
+                dir.path.display()
+            )))
+        }
     };
     // Bare encoders keep their tensors at the root; task checkpoints nest them under a prefix.
     let prefix = ["", "bert", "roberta", "model"]

@@ -13,6 +13,10 @@ pub mod error;
 pub mod gguf_tokenizer;
 pub mod llm_vocab;
 pub mod model_dir;
+#[cfg(feature = "onnx")]
+pub mod onnx;
+#[cfg(feature = "onnx")]
+pub mod onnx_encoder;
 pub mod piper;
 pub mod quant;
 pub mod whisper;

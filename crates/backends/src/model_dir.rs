@@ -73,7 +73,21 @@ pub struct SentenceTransformers {
 pub enum Weights {
     Safetensors(Vec<PathBuf>),
     PyTorch(PathBuf),
+    /// Only an ONNX export (see [`ModelDir::onnx`]): the ONNX Runtime backend runs it, candle cannot.
+    OnnxOnly,
 }
+
+/// Where Hugging Face repos put their ONNX exports, fastest first: the int8 exports (one per CPU
+/// instruction set; ONNX Runtime picks kernels for the CPU it runs on), then the float one.
+pub const ONNX_FILES: &[&str] = &[
+    "onnx/model_quantized.onnx",
+    "model_quantized.onnx",
+    "onnx/model_qint8_avx512_vnni.onnx",
+    "onnx/model_qint8_avx512.onnx",
+    "onnx/model_quint8_avx2.onnx",
+    "onnx/model.onnx",
+    "model.onnx",
+];
 
 /// A model directory, inspected.
 #[derive(Clone, Debug)]
@@ -88,6 +102,8 @@ pub struct ModelDir {
     pub max_positions: usize,
     pub sentence_transformers: Option<SentenceTransformers>,
     pub weights: Weights,
+    /// The folder's ONNX export, the first of [`ONNX_FILES`] present, if any.
+    pub onnx: Option<PathBuf>,
     pub tokenizer: PathBuf,
     pub(crate) config_json: PathBuf,
 }
@@ -227,6 +243,13 @@ impl ModelDir {
             }
         };
         let tokenizer = file("tokenizer.json")?;
+        let mut onnx = None;
+        for name in ONNX_FILES {
+            if let Some(found) = root.join(path, name)?.filter(|p| p.is_file()) {
+                onnx = Some(found);
+                break;
+            }
+        }
         Ok(Self {
             path: path.to_owned(),
             architecture,
@@ -236,8 +259,14 @@ impl ModelDir {
             pad_token_id,
             max_positions,
             sentence_transformers: read_sentence_transformers(path, root)?,
-            weights: find_weights(path, root)?
-                .ok_or_else(|| missing("model.safetensors or pytorch_model.bin"))?,
+            weights: match (find_weights(path, root)?, &onnx) {
+                (Some(weights), _) => weights,
+                (None, Some(_)) => Weights::OnnxOnly,
+                (None, None) => {
+                    return Err(missing("model.safetensors, pytorch_model.bin or an ONNX export"))
+                }
+            },
+            onnx,
             tokenizer,
             config_json,
         })

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use hearth_engine::synthesize::{SpeechSynthesizer, VoiceInfo};
 use hearth_engine::{BoxError, Device};
 use ort::environment::Environment;
+
+use crate::onnx::onnx_environment;
 use ort::session::Session;
 use ort::value::Tensor;
 
@@ -31,42 +32,6 @@ pub struct PiperOptions {
     /// Noise scale and width replacing every voice's own (`None`: the voice's).
     pub noise_scale: Option<f32>,
     pub noise_w: Option<f32>,
-}
-
-static ENVIRONMENT: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
-
-/// ONNX Runtime, loaded from `library` the first time (`load-dynamic`): a missing or unusable
-/// library is an error naming the path, never a panic.
-pub fn onnx_environment(library: &Path) -> Result<Environment, BackendError> {
-    let loaded = ENVIRONMENT.get_or_init(|| {
-        if !library.is_file() {
-            return Err(format!(
-                "ONNX Runtime was not found at {} (set `[server] onnxruntime_library` or ORT_DYLIB_PATH; \
-                 `scripts/fetch-models onnxruntime` installs it)",
-                library.display()
-            ));
-        }
-        let builder = ort::init_from(library)
-            .map_err(|e| format!("could not load ONNX Runtime from {}: {e}", library.display()))?;
-        let environment = builder
-            .with_name("hearth")
-            .build()
-            .map_err(|e| format!("could not start ONNX Runtime from {}: {e}", library.display()))?;
-        Ok((library.to_path_buf(), environment))
-    });
-    match loaded {
-        Ok((path, environment)) => {
-            if path != library {
-                tracing::warn!(
-                    loaded = %path.display(),
-                    asked = %library.display(),
-                    "ONNX Runtime is loaded once per process; using the library loaded first"
-                );
-            }
-            Ok(environment.clone())
-        }
-        Err(message) => Err(BackendError::Unsupported(message.clone())),
-    }
 }
 
 struct Voice {
