@@ -28,7 +28,7 @@ use hearth_engine::rerank::Reranker;
 use hearth_engine::synthesize::Synthesizer;
 #[cfg(feature = "tts")]
 use hearth_engine::synthesize::{SpeechSynthesizer, Synthesize, SynthesizerOptions};
-use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
+use hearth_engine::tokenize::{LengthPolicy, TextTokenizer, TruncationSide};
 use hearth_engine::transcribe::{Transcriber, TranscriberOptions};
 use hearth_engine::Device;
 
@@ -532,7 +532,7 @@ fn text_limits(text: &TextConfig, dir: &ModelDir, tokenizer: &TextTokenizer) -> 
         bail!("`max_input_tokens` ({max_tokens}) leaves no room beside the special tokens");
     }
     Ok(TextLimits {
-        length: LengthPolicy { max_tokens, truncate: text.truncate },
+        length: LengthPolicy { max_tokens, truncate: text.truncate, side: TruncationSide::Right },
         max_inputs: text.max_inputs_per_request,
         max_tokens: text.max_tokens_per_request,
     })
@@ -549,7 +549,7 @@ fn shared_limits(text: &TextConfig, embedder: &Embedder) -> anyhow::Result<TextL
         None => embedder.limits().length.max_tokens,
     };
     Ok(TextLimits {
-        length: LengthPolicy { max_tokens, truncate: text.truncate },
+        length: LengthPolicy { max_tokens, truncate: text.truncate, side: TruncationSide::Right },
         max_inputs: text.max_inputs_per_request,
         max_tokens: text.max_tokens_per_request,
     })

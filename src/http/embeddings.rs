@@ -8,8 +8,9 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::Extension;
 use base64::Engine as _;
-use hearth_engine::embed::{Embed, EmbedInput};
+use hearth_engine::embed::{Embed, EmbedInput, Truncation};
 use hearth_engine::registry::Served;
+use hearth_engine::tokenize::TruncationSide;
 use hearth_engine::ModelKind;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,12 @@ pub struct EmbeddingsRequest {
     #[serde(default)]
     encoding_format: EncodingFormat,
     dimensions: Option<usize>,
+    /// TEI's per-request truncation: cut inputs over the model's limit instead of refusing them.
+    truncate: Option<bool>,
+    /// TEI's `Right` (keep the start, the default) or `Left` (keep the end); any case.
+    truncation_direction: Option<String>,
+    /// vLLM's: keep only the last N tokens (`-1`: the model's limit).
+    truncate_prompt_tokens: Option<i64>,
     /// Accepted for compatibility; not used.
     #[allow(dead_code)]
     user: Option<String>,
@@ -71,11 +78,14 @@ pub async fn create(
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };
+    let truncation = truncation(&request);
     let result = async {
         let Served::Embedding(embedder) = &*served else {
             return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
         };
-        let embeddings = embedder.embed(request.input.0, request.dimensions, caller.priority()).await?;
+        let truncation = truncation?;
+        let embeddings =
+            embedder.embed_with(request.input.0, request.dimensions, truncation, caller.priority()).await?;
         caller.charge(embeddings.n_tokens);
         let data = embeddings
             .vectors
@@ -95,6 +105,45 @@ pub async fn create(
     }
     .await;
     labelled(&state, &request.model, result)
+}
+
+/// The request's own truncation choice, if it makes one (TEI's or vLLM's fields, not both).
+fn truncation(request: &EmbeddingsRequest) -> Result<Option<Truncation>, ApiError> {
+    let side = match request.truncation_direction.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("right") => TruncationSide::Right,
+        Some("left") => TruncationSide::Left,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("`truncation_direction` must be `Right` or `Left`, got `{other}`"),
+                "truncation_direction",
+            ))
+        }
+    };
+    match (request.truncate_prompt_tokens, request.truncate) {
+        (Some(_), Some(_)) | (Some(_), None) if request.truncation_direction.is_some() => Err(ApiError::invalid(
+            "`truncate_prompt_tokens` keeps the last tokens; it cannot be combined with `truncation_direction`",
+            "truncate_prompt_tokens",
+        )),
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "give either `truncate` (TEI) or `truncate_prompt_tokens` (vLLM), not both",
+            "truncate_prompt_tokens",
+        )),
+        (Some(-1), None) => Ok(Some(Truncation { truncate: true, side: TruncationSide::Left, max_tokens: None })),
+        (Some(n), None) if n >= 1 => Ok(Some(Truncation {
+            truncate: true,
+            side: TruncationSide::Left,
+            max_tokens: Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        })),
+        (Some(n), None) => Err(ApiError::invalid(
+            format!("`truncate_prompt_tokens` must be -1 (the model's limit) or at least 1, got {n}"),
+            "truncate_prompt_tokens",
+        )),
+        (None, Some(truncate)) => Ok(Some(Truncation { truncate, side, max_tokens: None })),
+        (None, None) if request.truncation_direction.is_some() => {
+            Ok(Some(Truncation { truncate: true, side, max_tokens: None }))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 fn to_base64(vector: &[f32]) -> String {

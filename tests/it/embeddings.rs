@@ -98,6 +98,86 @@ async fn property_dimensions_truncate_then_renormalise() {
     }
 }
 
+/// Per request, clients choose what the model's config did not: TEI's `truncate` (with
+/// `truncation_direction`) and vLLM's `truncate_prompt_tokens` (the last N tokens); usage counts
+/// what was embedded.
+#[tokio::test]
+async fn requests_choose_their_own_truncation() {
+    let app = tiny_app().await;
+    let embed = |body: Value| {
+        let app = &app;
+        async move { app.post("/v1/embeddings", body).await }
+    };
+    // "red apple " × 12 is 26 tokens with [CLS] and [SEP]; the model's limit is 24.
+    let long = "red apple ".repeat(11) + "green pear";
+    let right = embed(json!({"model": "tiny-embed", "input": long, "truncate": true})).await;
+    assert_eq!(right.status, StatusCode::OK, "{}", right.text);
+    assert_eq!(right.body["usage"]["prompt_tokens"], 24);
+    let first = embed(json!({"model": "tiny-embed", "input": "red apple ".repeat(11)})).await;
+    assert_close(
+        &floats(&right.body["data"][0]["embedding"]),
+        &floats(&first.body["data"][0]["embedding"]),
+        1e-6,
+    );
+    let left = embed(
+        json!({"model": "tiny-embed", "input": long, "truncate": true, "truncation_direction": "Left"}),
+    )
+    .await;
+    assert_eq!(left.body["usage"]["prompt_tokens"], 24);
+    // The same as [CLS] + the text's last 22 tokens + [SEP], sent as token ids.
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(crate::support::fixture("tiny-bert-embed").join("tokenizer.json"))
+            .unwrap();
+    // Its tokenizer.json pads and truncates at 16; Hearth switches both off, and so does this.
+    tokenizer.with_truncation(None).unwrap();
+    tokenizer.with_padding(None);
+    let text_ids = tokenizer.encode(long.as_str(), false).unwrap().get_ids().to_vec();
+    let special = |t: &str| tokenizer.token_to_id(t).unwrap();
+    let mut kept_ids = vec![special("[CLS]")];
+    kept_ids.extend_from_slice(&text_ids[text_ids.len() - 22..]);
+    kept_ids.push(special("[SEP]"));
+    let last = embed(json!({"model": "tiny-embed", "input": [kept_ids]})).await;
+    assert_eq!(last.body["usage"]["prompt_tokens"], 24, "{}", last.text);
+    assert_close(
+        &floats(&left.body["data"][0]["embedding"]),
+        &floats(&last.body["data"][0]["embedding"]),
+        1e-6,
+    );
+    let refused = embed(json!({"model": "tiny-embed", "input": long, "truncate": false})).await;
+    refused.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+
+    // vLLM: the last N tokens, for texts and token ids alike.
+    let ids: Vec<u32> = (5..35).collect();
+    let kept =
+        embed(json!({"model": "tiny-embed", "input": [ids.clone()], "truncate_prompt_tokens": 10})).await;
+    assert_eq!(kept.status, StatusCode::OK, "{}", kept.text);
+    assert_eq!(kept.body["usage"]["prompt_tokens"], 10);
+    let tail = embed(json!({"model": "tiny-embed", "input": [ids[20..].to_vec()]})).await;
+    assert_close(
+        &floats(&kept.body["data"][0]["embedding"]),
+        &floats(&tail.body["data"][0]["embedding"]),
+        1e-6,
+    );
+    let model_limit =
+        embed(json!({"model": "tiny-embed", "input": long, "truncate_prompt_tokens": -1})).await;
+    assert_eq!(model_limit.body["usage"]["prompt_tokens"], 24);
+    assert_close(
+        &floats(&model_limit.body["data"][0]["embedding"]),
+        &floats(&left.body["data"][0]["embedding"]),
+        1e-6,
+    );
+    for (body, param) in [
+        (json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
+        (
+            json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 5, "truncate": true}),
+            "truncate_prompt_tokens",
+        ),
+        (json!({"model": "tiny-embed", "input": "x", "truncation_direction": "up"}), "truncation_direction"),
+    ] {
+        embed(body).await.assert_error(StatusCode::BAD_REQUEST, Some(param), None);
+    }
+}
+
 #[tokio::test]
 async fn long_inputs_are_refused_unless_truncation_is_configured() {
     let long = "red apple ".repeat(40);

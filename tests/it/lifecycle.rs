@@ -12,7 +12,7 @@ use hearth_engine::admission::Admission;
 use hearth_engine::embed::{Embedder, EmbeddingInfo, EncoderService, TextLimits};
 use hearth_engine::encoder::{BatchLimits, EncoderHandle, EncoderModel, Sequence, WorkerConfig};
 use hearth_engine::registry::Served;
-use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
+use hearth_engine::tokenize::{LengthPolicy, TextTokenizer, TruncationSide};
 use hearth_engine::{BoxError, BoxFuture};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -53,7 +53,7 @@ async fn fragile(state: &AppState) -> Served {
     };
     let (worker, ()) = EncoderHandle::start(config, || Ok((Fragile, ()))).await.unwrap();
     let limits = TextLimits {
-        length: LengthPolicy { max_tokens: 24, truncate: false },
+        length: LengthPolicy { max_tokens: 24, truncate: false, side: TruncationSide::Right },
         max_inputs: 8,
         max_tokens: 1000,
     };

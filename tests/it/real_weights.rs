@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use axum::http::StatusCode;
-use hearth_engine::tokenize::{LengthPolicy, TextTokenizer};
+use hearth_engine::tokenize::{LengthPolicy, TextTokenizer, TruncationSide};
 use hearth_engine::Subject;
 use serde_json::{json, Value};
 
@@ -46,7 +46,7 @@ async fn minilm_in(truncate: bool, dtype: &str) -> crate::support::App {
 fn tokenization_matches_the_reference_tokenizer() {
     // The packaged tokenizer.json pads and truncates at 128; Hearth must use the model's 256.
     let tokenizer = TextTokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
-    let policy = LengthPolicy { max_tokens: 256, truncate: true };
+    let policy = LengthPolicy { max_tokens: 256, truncate: true, side: TruncationSide::Right };
     for case in reference_cases() {
         let sequence = tokenizer.encode(case["text"].as_str().unwrap(), policy, Subject::Input(0)).unwrap();
         let expected: Vec<u32> =
@@ -63,7 +63,7 @@ fn tokenization_matches_an_independent_wordpiece_implementation() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm-tokenizer-reference.json");
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let tokenizer = TextTokenizer::from_file(&model_dir().join("tokenizer.json")).unwrap();
-    let policy = LengthPolicy { max_tokens: 100_000, truncate: false };
+    let policy = LengthPolicy { max_tokens: 100_000, truncate: false, side: TruncationSide::Right };
     for case in reference["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let sequence = tokenizer.encode(text, policy, Subject::Input(0)).unwrap();

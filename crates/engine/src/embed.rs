@@ -9,7 +9,7 @@ use crate::encoder::{EncoderHandle, Sequence};
 use crate::error::{EngineError, Subject};
 use crate::pool::BlockingPool;
 use crate::queue::Priority;
-use crate::tokenize::{LengthPolicy, TextTokenizer};
+use crate::tokenize::{LengthPolicy, TextTokenizer, TruncationSide};
 use crate::vector::normalize;
 use crate::BoxFuture;
 
@@ -71,18 +71,40 @@ pub struct Embeddings {
     pub n_tokens: usize,
 }
 
+/// A request's own choice about long inputs, over the model's configured policy (TEI's `truncate`
+/// and `truncation_direction`, vLLM's `truncate_prompt_tokens`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncation {
+    pub truncate: bool,
+    pub side: TruncationSide,
+    /// Keep at most this many tokens (special tokens included); never above the model's limit.
+    pub max_tokens: Option<usize>,
+}
+
 /// The embedding capability: what the HTTP layer and the RAG pipeline call.
 pub trait Embed: Send + Sync {
     /// Length of each vector (before `dimensions`).
     fn dims(&self) -> usize;
 
-    /// Embeds every input, in order. `dimensions` keeps the first N dimensions and re-normalises.
+    /// Embeds every input, in order. `dimensions` keeps the first N dimensions and re-normalises;
+    /// `truncation` overrides the model's policy for long inputs for this request.
+    fn embed_with(
+        &self,
+        input: EmbedInput,
+        dimensions: Option<usize>,
+        truncation: Option<Truncation>,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<Embeddings, EngineError>>;
+
+    /// [`Embed::embed_with`] under the model's own length policy.
     fn embed(
         &self,
         input: EmbedInput,
         dimensions: Option<usize>,
         priority: Priority,
-    ) -> BoxFuture<'_, Result<Embeddings, EngineError>>;
+    ) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+        self.embed_with(input, dimensions, None, priority)
+    }
 }
 
 /// A text encoder's tokenizer, owner thread, limits and admission.
@@ -153,8 +175,12 @@ impl Embedder {
         self.service.admission.in_flight()
     }
 
-    fn check_token_ids(&self, arrays: Vec<Vec<u32>>) -> Result<Vec<Sequence>, EngineError> {
-        let LengthPolicy { max_tokens, truncate } = self.service.limits.length;
+    fn check_token_ids(
+        &self,
+        arrays: Vec<Vec<u32>>,
+        limits: &TextLimits,
+    ) -> Result<Vec<Sequence>, EngineError> {
+        let LengthPolicy { max_tokens, truncate, side } = limits.length;
         let mut total = 0;
         arrays
             .into_iter()
@@ -173,7 +199,12 @@ impl Embedder {
                             max_tokens,
                         });
                     }
-                    ids.truncate(max_tokens);
+                    match side {
+                        TruncationSide::Right => ids.truncate(max_tokens),
+                        TruncationSide::Left => {
+                            ids.drain(..ids.len() - max_tokens);
+                        }
+                    }
                 }
                 if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.info.vocab_size) {
                     return Err(EngineError::TokenOutOfRange {
@@ -183,20 +214,35 @@ impl Embedder {
                     });
                 }
                 total += ids.len();
-                if total > self.service.limits.max_tokens {
-                    return Err(EngineError::TooManyTokens { max: self.service.limits.max_tokens });
+                if total > limits.max_tokens {
+                    return Err(EngineError::TooManyTokens { max: limits.max_tokens });
                 }
                 Ok(Sequence::new(ids))
             })
             .collect()
     }
 
+    /// The model's limits with a request's truncation choice applied.
+    fn limits_for(&self, truncation: Option<Truncation>) -> TextLimits {
+        let mut limits = self.service.limits;
+        if let Some(choice) = truncation {
+            limits.length.truncate = choice.truncate;
+            limits.length.side = choice.side;
+            if let Some(max) = choice.max_tokens {
+                limits.length.max_tokens = limits.length.max_tokens.min(max);
+            }
+        }
+        limits
+    }
+
     async fn run(
         &self,
         input: EmbedInput,
         dimensions: Option<usize>,
+        truncation: Option<Truncation>,
         priority: Priority,
     ) -> Result<Embeddings, EngineError> {
+        let limits = self.limits_for(truncation);
         let _permit = self.service.admission.try_admit()?;
         self.service.limits.check_count(input.len(), "inputs")?;
         if let Some(requested) = dimensions {
@@ -206,9 +252,9 @@ impl Embedder {
         }
         let sequences = match input {
             EmbedInput::Texts(texts) => {
-                self.service.tokenize(texts, Subject::Input, self.service.limits, priority).await?
+                self.service.tokenize(texts, Subject::Input, limits, priority).await?
             }
-            EmbedInput::TokenIds(arrays) => self.check_token_ids(arrays)?,
+            EmbedInput::TokenIds(arrays) => self.check_token_ids(arrays, &limits)?,
         };
         let n_tokens = sequences.iter().map(Sequence::len).sum();
         let mut vectors = self.service.worker.encode(sequences, priority).await?;
@@ -227,12 +273,13 @@ impl Embed for Embedder {
         self.info.dims
     }
 
-    fn embed(
+    fn embed_with(
         &self,
         input: EmbedInput,
         dimensions: Option<usize>,
+        truncation: Option<Truncation>,
         priority: Priority,
     ) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
-        Box::pin(self.run(input, dimensions, priority))
+        Box::pin(self.run(input, dimensions, truncation, priority))
     }
 }

@@ -22,6 +22,19 @@ pub struct LengthPolicy {
     pub max_tokens: usize,
     /// Cut long inputs to `max_tokens` instead of refusing them.
     pub truncate: bool,
+    /// Which end a cut removes.
+    pub side: TruncationSide,
+}
+
+/// Which end of a long input truncation removes (TEI's `truncation_direction`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TruncationSide {
+    /// Keep the first tokens (the default everywhere).
+    #[default]
+    Right,
+    /// Keep the last tokens (vLLM's `truncate_prompt_tokens`). The whole text is tokenized, so the
+    /// work is bounded by the body size limit rather than by the token limit.
+    Left,
 }
 
 /// A first guess at bytes per token when cutting a long text; too small only costs a retry.
@@ -72,6 +85,13 @@ impl TextTokenizer {
         self.inner.encode(text, false).map_err(|e| EngineError::Tokenize { subject, message: e.to_string() })
     }
 
+    fn raw_nonempty(&self, text: &str, subject: Subject) -> Result<Encoding, EngineError> {
+        if text.is_empty() {
+            return Err(EngineError::EmptyInput { subject });
+        }
+        self.raw(text, subject)
+    }
+
     /// The tokens of `text`, or of a prefix of it that holds more than `needed` tokens.
     fn tokens(&self, text: &str, needed: usize, subject: Subject) -> Result<Tokens, EngineError> {
         if text.is_empty() {
@@ -110,7 +130,13 @@ impl TextTokenizer {
         subject: Subject,
     ) -> Result<Sequence, EngineError> {
         let room = policy.max_tokens.saturating_sub(self.special_single);
-        let Tokens { mut encoding, cut } = self.tokens(text, room, subject)?;
+        let Tokens { mut encoding, cut } = match (policy.truncate, policy.side) {
+            // Keeping the end needs the end's tokens: the whole text.
+            (true, TruncationSide::Left) => {
+                Tokens { encoding: self.raw_nonempty(text, subject)?, cut: false }
+            }
+            _ => self.tokens(text, room, subject)?,
+        };
         if encoding.len() > room {
             if !policy.truncate {
                 return Err(EngineError::InputTooLong {
@@ -120,7 +146,7 @@ impl TextTokenizer {
                     max_tokens: policy.max_tokens,
                 });
             }
-            truncate(&mut encoding, room);
+            truncate(&mut encoding, room, policy.side);
         }
         self.finish(encoding, None, subject)
     }
@@ -145,7 +171,7 @@ impl TextTokenizer {
                     max_tokens: policy.max_tokens,
                 });
             }
-            truncate(&mut encoding, room);
+            truncate(&mut encoding, room, TruncationSide::Right);
         }
         self.finish(query.0.clone(), Some(encoding), subject)
     }
@@ -169,8 +195,12 @@ impl TextTokenizer {
 /// A rerank query's tokens, shared by every pair of the request.
 pub struct QueryTokens(Encoding);
 
-fn truncate(encoding: &mut Encoding, max_len: usize) {
-    encoding.truncate(max_len, 0, TruncationDirection::Right);
+fn truncate(encoding: &mut Encoding, max_len: usize, side: TruncationSide) {
+    let direction = match side {
+        TruncationSide::Right => TruncationDirection::Right,
+        TruncationSide::Left => TruncationDirection::Left,
+    };
+    encoding.truncate(max_len, 0, direction);
     // The cut-off tail would otherwise be post-processed too, for nothing.
     encoding.take_overflowing();
 }
@@ -246,10 +276,10 @@ mod tests {
         let Tokens { encoding, cut } = tokenizer.tokens(&huge, 22, Subject::Input(0)).unwrap();
         assert!(cut);
         assert!(encoding.len() < 100, "tokenized {} tokens of 3.2 million", encoding.len());
-        let policy = LengthPolicy { max_tokens: 24, truncate: true };
+        let policy = LengthPolicy { max_tokens: 24, truncate: true, side: TruncationSide::Right };
         let sequence = tokenizer.encode(&huge, policy, Subject::Input(0)).unwrap();
         assert_eq!(sequence, tokenizer.encode(&"red apple ".repeat(11), policy, Subject::Input(0)).unwrap());
-        let refuse = LengthPolicy { max_tokens: 24, truncate: false };
+        let refuse = LengthPolicy { max_tokens: 24, truncate: false, side: TruncationSide::Right };
         let err = tokenizer.encode(&huge, refuse, Subject::Input(0)).unwrap_err().to_string();
         assert!(err.contains("has at least"), "{err}");
     }
