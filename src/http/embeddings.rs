@@ -78,7 +78,11 @@ pub async fn create(
         Ok(found) => found,
         Err(err) => return labelled(&state, &request.model, Err::<(), _>(err)),
     };
-    let truncation = truncation(&request);
+    let truncation = parse_truncation(
+        request.truncate,
+        request.truncation_direction.as_deref(),
+        request.truncate_prompt_tokens,
+    );
     let result = async {
         let Served::Embedding(embedder) = &*served else {
             return Err(ApiError::Internal { cause: "registry kind mismatch".into() });
@@ -107,9 +111,15 @@ pub async fn create(
     labelled(&state, &request.model, result)
 }
 
-/// The request's own truncation choice, if it makes one (TEI's or vLLM's fields, not both).
-fn truncation(request: &EmbeddingsRequest) -> Result<Option<Truncation>, ApiError> {
-    let side = match request.truncation_direction.as_deref().map(str::to_ascii_lowercase).as_deref() {
+/// The request's own truncation choice, if it makes one: TEI's `truncate` and
+/// `truncation_direction`, or vLLM's `truncate_prompt_tokens` (the last N tokens), not both.
+/// Shared with `/v1/rerank`.
+pub(crate) fn parse_truncation(
+    truncate: Option<bool>,
+    direction: Option<&str>,
+    prompt_tokens: Option<i64>,
+) -> Result<Option<Truncation>, ApiError> {
+    let side = match direction.map(str::to_ascii_lowercase).as_deref() {
         None | Some("right") => TruncationSide::Right,
         Some("left") => TruncationSide::Left,
         Some(other) => {
@@ -119,8 +129,8 @@ fn truncation(request: &EmbeddingsRequest) -> Result<Option<Truncation>, ApiErro
             ))
         }
     };
-    match (request.truncate_prompt_tokens, request.truncate) {
-        (Some(_), Some(_)) | (Some(_), None) if request.truncation_direction.is_some() => Err(ApiError::invalid(
+    match (prompt_tokens, truncate) {
+        (Some(_), _) if direction.is_some() => Err(ApiError::invalid(
             "`truncate_prompt_tokens` keeps the last tokens; it cannot be combined with `truncation_direction`",
             "truncate_prompt_tokens",
         )),
@@ -139,9 +149,7 @@ fn truncation(request: &EmbeddingsRequest) -> Result<Option<Truncation>, ApiErro
             "truncate_prompt_tokens",
         )),
         (None, Some(truncate)) => Ok(Some(Truncation { truncate, side, max_tokens: None })),
-        (None, None) if request.truncation_direction.is_some() => {
-            Ok(Some(Truncation { truncate: true, side, max_tokens: None }))
-        }
+        (None, None) if direction.is_some() => Ok(Some(Truncation { truncate: true, side, max_tokens: None })),
         (None, None) => Ok(None),
     }
 }

@@ -13,6 +13,7 @@ use hearth_engine::ModelKind;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use super::embeddings::parse_truncation;
 use super::error::ApiError;
 use super::json::Json;
 use super::{labelled, ready_model, Usage};
@@ -27,6 +28,11 @@ pub struct RerankRequest {
     top_n: Option<usize>,
     #[serde(default)]
     return_documents: bool,
+    /// TEI's per-request truncation of documents (the query is never cut).
+    truncate: Option<bool>,
+    truncation_direction: Option<String>,
+    /// vLLM's: at most N tokens per (query, document) pair, the document's end kept.
+    truncate_prompt_tokens: Option<i64>,
 }
 
 #[derive(Serialize)]
@@ -72,9 +78,14 @@ pub async fn create(
         if request.top_n == Some(0) {
             return Err(ApiError::invalid("`top_n` must be at least 1", "top_n"));
         }
+        let truncation = parse_truncation(
+            request.truncate,
+            request.truncation_direction.as_deref(),
+            request.truncate_prompt_tokens,
+        )?;
         let documents: Vec<String> = request.documents.into_iter().map(|d| d.0).collect();
         let texts_for_response = request.return_documents.then(|| documents.clone());
-        let scored = reranker.rerank(request.query, documents, caller.priority()).await?;
+        let scored = reranker.rerank_with(request.query, documents, truncation, caller.priority()).await?;
         caller.charge(scored.n_tokens);
         let mut ranked: Vec<(usize, f32)> = scored.scores.into_iter().enumerate().collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -184,3 +184,46 @@ async fn long_documents_are_cut_to_fit_beside_the_query() {
     let n_dog = 1 + 1 + 1 + 1 + 1; // [CLS] capital [SEP] dog [SEP]
     assert_eq!(reply.body["usage"]["total_tokens"], 64 + n_dog);
 }
+
+/// Per-request truncation of documents: TEI's `truncate: false` refuses a document too long to sit
+/// beside the query (rerankers cut by default), `truncation_direction: Left` keeps a document's end
+/// instead of its start, and vLLM's `truncate_prompt_tokens` caps every pair.
+#[tokio::test]
+async fn requests_choose_how_documents_are_cut() {
+    let app = tiny_app().await;
+    let long = format!("{} paris is the capital of france", "blue green red ".repeat(40));
+    let body = |extra: Value| {
+        let mut body =
+            json!({"model": "tiny-rerank-bert", "query": "capital of france", "documents": [long, "paris"]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let right = app.post("/v1/rerank", body(json!({}))).await;
+    assert_eq!(right.status, StatusCode::OK, "{}", right.text);
+    let score = |reply: &crate::support::Reply, index: u64| {
+        reply.body["results"].as_array().unwrap().iter().find(|r| r["index"] == index).unwrap()
+            ["relevance_score"]
+            .as_f64()
+            .unwrap()
+    };
+    let left = app.post("/v1/rerank", body(json!({"truncation_direction": "left"}))).await;
+    assert_eq!(left.status, StatusCode::OK, "{}", left.text);
+    assert_eq!(left.body["usage"], right.body["usage"], "both cut to the model's limit");
+    assert_ne!(
+        score(&left, 0),
+        score(&right, 0),
+        "the end and the start score differently: {} {}",
+        left.text,
+        right.text
+    );
+    assert_eq!(score(&left, 1), score(&right, 1), "a short document is not cut");
+    let refused = app.post("/v1/rerank", body(json!({"truncate": false}))).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.text);
+    let capped = app.post("/v1/rerank", body(json!({"truncate_prompt_tokens": 10}))).await;
+    assert_eq!(capped.status, StatusCode::OK, "{}", capped.text);
+    let pair_tokens = capped.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(pair_tokens <= 20, "two pairs of at most 10 tokens: {pair_tokens}");
+    let both = app.post("/v1/rerank", body(json!({"truncate": true, "truncate_prompt_tokens": 10}))).await;
+    assert_eq!(both.status, StatusCode::BAD_REQUEST);
+    assert_eq!(both.body["error"]["param"], "truncate_prompt_tokens");
+}

@@ -35,6 +35,19 @@ pub struct TextLimits {
 }
 
 impl TextLimits {
+    /// These limits with a request's own truncation choice applied (never above the model's
+    /// token limit).
+    pub fn with_truncation(mut self, truncation: Option<Truncation>) -> Self {
+        if let Some(choice) = truncation {
+            self.length.truncate = choice.truncate;
+            self.length.side = choice.side;
+            if let Some(max) = choice.max_tokens {
+                self.length.max_tokens = self.length.max_tokens.min(max);
+            }
+        }
+        self
+    }
+
     /// Refuses a request with more than `max_inputs` inputs (`what`: "inputs", "documents").
     pub(crate) fn check_count(&self, count: usize, what: &'static str) -> Result<(), EngineError> {
         if count > self.max_inputs {
@@ -222,19 +235,6 @@ impl Embedder {
             .collect()
     }
 
-    /// The model's limits with a request's truncation choice applied.
-    fn limits_for(&self, truncation: Option<Truncation>) -> TextLimits {
-        let mut limits = self.service.limits;
-        if let Some(choice) = truncation {
-            limits.length.truncate = choice.truncate;
-            limits.length.side = choice.side;
-            if let Some(max) = choice.max_tokens {
-                limits.length.max_tokens = limits.length.max_tokens.min(max);
-            }
-        }
-        limits
-    }
-
     async fn run(
         &self,
         input: EmbedInput,
@@ -242,7 +242,7 @@ impl Embedder {
         truncation: Option<Truncation>,
         priority: Priority,
     ) -> Result<Embeddings, EngineError> {
-        let limits = self.limits_for(truncation);
+        let limits = self.service.limits.with_truncation(truncation);
         let _permit = self.service.admission.try_admit()?;
         self.service.limits.check_count(input.len(), "inputs")?;
         if let Some(requested) = dimensions {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::admission::Admission;
-use crate::embed::{Embedder, EncoderService, TextLimits};
+use crate::embed::{Embedder, EncoderService, TextLimits, Truncation};
 use crate::encoder::Sequence;
 use crate::error::{EngineError, Subject};
 use crate::queue::Priority;
@@ -37,13 +37,25 @@ pub struct RerankScores {
 
 /// The rerank capability: what the HTTP layer and the RAG pipeline call.
 pub trait Rerank: Send + Sync {
-    /// One relevance per document, in request order.
+    /// One relevance per document, in request order; `truncation` overrides the model's policy
+    /// for long documents (the query is never cut by a cross-encoder).
+    fn rerank_with(
+        &self,
+        query: String,
+        documents: Vec<String>,
+        truncation: Option<Truncation>,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<RerankScores, EngineError>>;
+
+    /// [`Rerank::rerank_with`] under the model's own length policy.
     fn rerank(
         &self,
         query: String,
         documents: Vec<String>,
         priority: Priority,
-    ) -> BoxFuture<'_, Result<RerankScores, EngineError>>;
+    ) -> BoxFuture<'_, Result<RerankScores, EngineError>> {
+        self.rerank_with(query, documents, None, priority)
+    }
 }
 
 pub enum Reranker {
@@ -100,38 +112,44 @@ impl Reranker {
         &self,
         query: String,
         documents: Vec<String>,
+        truncation: Option<Truncation>,
         priority: Priority,
     ) -> Result<RerankScores, EngineError> {
         match self {
-            Self::CrossEncoder(service) => cross_encoder_scores(service, query, documents, priority).await,
+            Self::CrossEncoder(service) => {
+                let limits = service.limits.with_truncation(truncation);
+                cross_encoder_scores(service, limits, query, documents, priority).await
+            }
             Self::BiEncoder { embedder, limits, admission } => {
                 let _permit = admission.try_admit()?;
                 limits.check_count(documents.len(), "documents")?;
-                bi_encoder_scores(embedder, *limits, query, documents, priority).await
+                bi_encoder_scores(embedder, limits.with_truncation(truncation), query, documents, priority)
+                    .await
             }
         }
     }
 }
 
 impl Rerank for Reranker {
-    fn rerank(
+    fn rerank_with(
         &self,
         query: String,
         documents: Vec<String>,
+        truncation: Option<Truncation>,
         priority: Priority,
     ) -> BoxFuture<'_, Result<RerankScores, EngineError>> {
-        Box::pin(self.run(query, documents, priority))
+        Box::pin(self.run(query, documents, truncation, priority))
     }
 }
 
 async fn cross_encoder_scores(
     service: &EncoderService<f32>,
+    limits: TextLimits,
     query: String,
     documents: Vec<String>,
     priority: Priority,
 ) -> Result<RerankScores, EngineError> {
     let _permit = service.admission.try_admit()?;
-    let limits = service.limits;
     limits.check_count(documents.len(), "documents")?;
     let tokenizer = Arc::clone(&service.tokenizer);
     let pairs = service

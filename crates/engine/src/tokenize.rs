@@ -152,7 +152,7 @@ impl TextTokenizer {
     }
 
     /// `(query, document)` pairs for a cross-encoder. The query is tokenized once and never cut;
-    /// with truncation on, documents are cut to fit beside it.
+    /// with truncation on, documents are cut to fit beside it (their end, with `Left`, is kept).
     pub fn encode_pair(
         &self,
         query: &QueryTokens,
@@ -161,7 +161,12 @@ impl TextTokenizer {
         subject: Subject,
     ) -> Result<Sequence, EngineError> {
         let room = policy.max_tokens.saturating_sub(self.special_pair + query.0.len());
-        let Tokens { mut encoding, cut } = self.tokens(document, room, subject)?;
+        let Tokens { mut encoding, cut } = match (policy.truncate, policy.side) {
+            (true, TruncationSide::Left) => {
+                Tokens { encoding: self.raw_nonempty(document, subject)?, cut: false }
+            }
+            _ => self.tokens(document, room, subject)?,
+        };
         if encoding.len() > room {
             if !policy.truncate {
                 return Err(EngineError::InputTooLong {
@@ -171,7 +176,7 @@ impl TextTokenizer {
                     max_tokens: policy.max_tokens,
                 });
             }
-            truncate(&mut encoding, room, TruncationSide::Right);
+            truncate(&mut encoding, room, policy.side);
         }
         self.finish(query.0.clone(), Some(encoding), subject)
     }
