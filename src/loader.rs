@@ -361,7 +361,7 @@ impl Loader {
             self.service(config, encoder, dir, CandleEmbedder::load).await?
         };
         let info = EmbeddingInfo { dims: loaded.dims, vocab_size: loaded.vocab_size, max_positions };
-        Ok(Embedder::new(service, info))
+        Ok(Embedder::new(service, info).with_cache(encoder.cache_bytes))
     }
 
     /// Whether an embedder runs on ONNX Runtime: asked for, or `auto` with an ONNX export in the

@@ -39,6 +39,7 @@ pub(crate) const IDENTITY_KEYS: &[&str] = &["id", "kind", "preset", "source", "f
 /// Options of encoder models (the `embedding` and `rerank` kinds).
 pub(super) const ENCODER_KEYS: &[&str] = &[
     "backend",
+    "cache_mib",
     "architecture",
     "pooling",
     "normalize",
@@ -192,6 +193,7 @@ struct RawCommon {
 #[serde(deny_unknown_fields)]
 struct RawEncoder {
     backend: Option<EncoderBackend>,
+    cache_mib: Option<f64>,
     architecture: Option<String>,
     pooling: Option<Pooling>,
     normalize: Option<bool>,
@@ -317,6 +319,8 @@ pub struct TextConfig {
 pub struct EncoderConfig {
     pub weights: Weights,
     pub backend: EncoderBackend,
+    /// Bytes of the embedding cache (`cache_mib`; 0: off).
+    pub cache_bytes: usize,
     pub architecture: Option<Architecture>,
     pub pooling: Option<Pooling>,
     pub normalize: Option<bool>,
@@ -688,6 +692,7 @@ fn parse_encoder(
             ("max_batch_memory_mib", encoder.max_batch_memory_mib.is_some()),
             ("max_queue_wait_ms", encoder.max_queue_wait_ms.is_some()),
             ("backend", encoder.backend.is_some()),
+            ("cache_mib", encoder.cache_mib.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -707,8 +712,17 @@ fn parse_encoder(
     }
 
     let weights = entry.weights(DEFAULT_ENCODER_FILES)?;
+    let cache_bytes = match encoder.cache_mib {
+        None => 0,
+        Some(mib) if mib.is_finite() && mib >= 0.0 => (mib * 1_048_576.0) as usize,
+        Some(_) => return Err(invalid(field("cache_mib"), "must be 0 (off) or a positive number of MiB")),
+    };
+    if cache_bytes > 0 && kind != ModelKind::Embedding {
+        return Err(invalid(field("cache_mib"), "applies only to `embedding` models"));
+    }
     let encoder_config = EncoderConfig {
         backend: encoder.backend.unwrap_or_default(),
+        cache_bytes,
         weights,
         architecture: match &encoder.architecture {
             None => None,

@@ -205,6 +205,11 @@ pub const MODEL_ENCODER: Section = Section {
             "`\"auto\"`",
             "`auto`: ONNX Runtime on the CPU when the folder has an ONNX export (`onnx/model_quantized.onnx`, `model_qint8_*.onnx`, `onnx/model.onnx`, `model.onnx`, the int8 ones first) and the binary has ONNX Runtime (`--features tts`), candle otherwise; `candle` (exact f32, any device); `onnx` (embedders on the CPU). Rerankers run on candle.",
         ),
+        key(
+            "cache_mib",
+            "`0` (off)",
+            "Embedding models: an in-process cache of embeddings by exact token sequence, least recently used evicted, bounded to this many MiB; a request whose inputs are all cached skips the queue. `hearth_cache_hits_total`, `hearth_cache_misses_total`, `hearth_cache_bytes` in `/metrics`.",
+        ),
         key("architecture", "from the weights", "`bert` or `xlm-roberta`; if set, must match `config.json`."),
         key("pooling", "the sentence-transformers config", "`mean`, `cls` or `last-token`."),
         key("normalize", "the sentence-transformers config", "L2-normalise embeddings."),

@@ -287,3 +287,22 @@ def test_unknown_encoding_format_is_refused(http):
         "/v1/embeddings", json={"model": EMBED_MODEL, "input": ["hello"], "encoding_format": "int8"}
     )
     assert_error_shape(response, 400, param="encoding_format")
+
+
+def test_repeated_inputs_are_answered_from_the_cache(http):
+    """config/offline.toml gives MiniLM a 64 MiB cache: a repeat is byte-identical and counted as a hit."""
+
+    def hits() -> float:
+        total = 0.0
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith("hearth_cache_hits_total") and f'model="{EMBED_MODEL}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    body = {"model": EMBED_MODEL, "input": ["a sentence only this test sends", "and a second one"]}
+    first = http.post("/v1/embeddings", json=body)
+    before = hits()
+    second = http.post("/v1/embeddings", json=body)
+    assert first.status_code == second.status_code == 200
+    assert second.content == first.content
+    assert hits() - before == 2

@@ -4,6 +4,7 @@ heard back by the same server's Whisper."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import subprocess
@@ -58,7 +59,12 @@ def test_streaming_response_sends_pcm_sentence_by_sentence(client):
 def test_speech_is_heard_back_by_whisper(client):
     audio = client.audio.speech.create(model=TTS_MODEL, voice="alloy", input=TEXT, response_format="mp3").read()
     heard = client.audio.transcriptions.create(model=STT_MODEL, file=("speech.mp3", audio, "audio/mpeg"), language="en")
-    assert words(heard.text) == words(TEXT), heard.text
+    # The voice's own noise varies every rendering, and Whisper may split a compound ("snap shots"):
+    # at most two word edits in the nineteen words.
+    expected, got = words(TEXT).split(), words(heard.text).split()
+    edits = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in
+                difflib.SequenceMatcher(a=expected, b=got).get_opcodes() if tag != "equal")
+    assert edits <= 2, heard.text
 
 
 def test_speed_changes_the_duration(client, tmp_path):

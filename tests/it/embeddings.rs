@@ -223,3 +223,65 @@ async fn app_with_truncation() -> crate::support::App {
     assert!(toml.contains("truncate = true"));
     app(&toml).await
 }
+
+fn cached_model(app: &crate::support::App) -> std::sync::Arc<hearth_engine::embed::Embedder> {
+    use hearth_engine::registry::{LoadState, Served};
+    match app.state.registry.get("tiny-cached").unwrap().state() {
+        LoadState::Ready(served) => match &*served {
+            Served::Embedding(embedder) => std::sync::Arc::clone(embedder),
+            _ => unreachable!(),
+        },
+        _ => panic!("tiny-cached did not load"),
+    }
+}
+
+/// The embedding cache (`cache_mib`): a repeated request is answered byte for byte as before, a
+/// partly cached batch runs only its misses and still matches the uncached model, many identical
+/// requests at once all get the same answer, and a stream of distinct inputs never grows the cache
+/// past its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_repeats_identically_and_stays_in_its_bound() {
+    let app = app(&tiny_config(
+        "\n[[models]]\nid = \"tiny-cached\"\nkind = \"embedding\"\nsource = \"tiny-bert-embed\"\ndevice = \"cpu\"\ncache_mib = 0.01\n",
+    ))
+    .await;
+    let cache_bytes = || cached_model(&app).cache().unwrap().bytes();
+    let request = json!({"model": "tiny-cached", "input": ["red apple", "blue sky", "green pear"]});
+    let first = app.post("/v1/embeddings", request.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let held = cache_bytes();
+    assert!(held > 0);
+    let again = app.post("/v1/embeddings", request.clone()).await;
+    assert_eq!(again.bytes, first.bytes, "a hit is byte-identical");
+    assert_eq!(cache_bytes(), held, "nothing new was stored");
+
+    let mixed = json!({"model": "tiny-cached", "input": ["blue sky", "a new sentence", "red apple"]});
+    let cached = app.post("/v1/embeddings", mixed.clone()).await;
+    let mut plain = mixed.clone();
+    plain["model"] = json!("tiny-embed");
+    let uncached = app.post("/v1/embeddings", plain).await;
+    for i in 0..3 {
+        assert_close(
+            &floats(&cached.body["data"][i]["embedding"]),
+            &floats(&uncached.body["data"][i]["embedding"]),
+            1e-6,
+        );
+    }
+    assert_eq!(cached.body["usage"], uncached.body["usage"], "usage counts every input, cached or not");
+
+    let same = json!({"model": "tiny-cached", "input": "the same words every time"});
+    let replies = futures::future::join_all((0..20).map(|_| app.post("/v1/embeddings", same.clone()))).await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_eq!(reply.bytes, replies[0].bytes, "identical inputs at once get one answer");
+    }
+
+    let max = cached_model(&app).cache().unwrap().max_bytes();
+    for i in 0..300 {
+        let reply = app
+            .post("/v1/embeddings", json!({"model": "tiny-cached", "input": format!("sentence number {i}")}))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(cache_bytes() <= max, "{} > {max}", cache_bytes());
+    }
+}

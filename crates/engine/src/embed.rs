@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::admission::Admission;
+use crate::cache::ResultCache;
 use crate::encoder::{EncoderHandle, Sequence};
 use crate::error::{EngineError, Subject};
 use crate::pool::BlockingPool;
@@ -164,11 +165,53 @@ impl<O: Send + 'static> EncoderService<O> {
 pub struct Embedder {
     service: EncoderService<Vec<f32>>,
     info: EmbeddingInfo,
+    /// Embeddings by token sequence, when the model's `cache_mib` is not 0.
+    cache: Option<ResultCache>,
 }
 
 impl Embedder {
     pub fn new(service: EncoderService<Vec<f32>>, info: EmbeddingInfo) -> Self {
-        Self { service, info }
+        Self { service, info, cache: None }
+    }
+
+    /// The same with a result cache of `max_bytes` (0: none).
+    pub fn with_cache(mut self, max_bytes: usize) -> Self {
+        self.cache = ResultCache::new(Arc::clone(self.service.worker.model()), max_bytes);
+        self
+    }
+
+    pub fn cache(&self) -> Option<&ResultCache> {
+        self.cache.as_ref()
+    }
+
+    /// Runs the sequences the cache does not hold (all of them without a cache) and stores what
+    /// the model returns; a request fully in the cache never reaches the queue.
+    async fn encode_cached(
+        &self,
+        sequences: Vec<Sequence>,
+        priority: Priority,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some(cache) = &self.cache else {
+            return self.service.worker.encode(sequences, priority).await;
+        };
+        let found = cache.get_all(&sequences);
+        let misses: Vec<Sequence> =
+            sequences.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(s, _)| s.clone()).collect();
+        let mut computed = if misses.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let vectors = self.service.worker.encode(misses.clone(), priority).await?;
+            let shared = vectors.into_iter().map(Arc::<[f32]>::from);
+            cache.insert_all(misses.into_iter().zip(shared)).into_iter()
+        };
+        found
+            .into_iter()
+            .map(|hit| {
+                hit.or_else(|| computed.next()).map(|v| v.to_vec()).ok_or_else(|| EngineError::Internal {
+                    message: "the model returned fewer vectors than sequences".into(),
+                })
+            })
+            .collect()
     }
 
     pub fn info(&self) -> &EmbeddingInfo {
@@ -257,7 +300,7 @@ impl Embedder {
             EmbedInput::TokenIds(arrays) => self.check_token_ids(arrays, &limits)?,
         };
         let n_tokens = sequences.iter().map(Sequence::len).sum();
-        let mut vectors = self.service.worker.encode(sequences, priority).await?;
+        let mut vectors = self.encode_cached(sequences, priority).await?;
         if let Some(dims) = dimensions {
             for vector in &mut vectors {
                 vector.truncate(dims);

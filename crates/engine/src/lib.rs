@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod backlog;
+pub mod cache;
 pub mod embed;
 pub mod encoder;
 pub mod error;
