@@ -109,6 +109,8 @@ async fn bench() {
         }
     };
 
+    let ingest = measure_ingest(&models_dir).await;
+
     let (http, http_max_batch_size) = measure_http(&models_dir, &sentences, http_seconds).await;
     let peak_rss_after_http = peak_rss_mib_now();
     peak_rss_mib.insert("after_http".into(), json!(peak_rss_after_http));
@@ -125,6 +127,7 @@ async fn bench() {
         "sentences": sentences.len(),
         "throughput": throughput.iter().map(ThroughputResult::to_json).collect::<Vec<_>>(),
         "peer": peer_json,
+        "ingest_30pct_repeats": ingest,
         "http": {
             "endpoint": "/v1/embeddings",
             "request": "one sentence per request, encoding_format float",
@@ -229,6 +232,44 @@ async fn measure_throughput(
         tokens_per_sentence: n_tokens as f64 / sentences.len() as f64,
         run_seconds: runs.iter().map(|&(s, _)| s).collect(),
     }
+}
+
+/// Ingest-like traffic: 2,000 texts in requests of 32 where 30% repeat a text sent before, embedded
+/// with the cache off and with `cache_mib = 64`; sentences/s for each.
+async fn measure_ingest(models_dir: &Path) -> Value {
+    // In every ten texts the first three repeat one sent earlier; the others are new.
+    let mut texts: Vec<String> = Vec::with_capacity(2000);
+    for i in 0..2000usize {
+        let text = if i >= 10 && i % 10 < 3 {
+            texts[(i * 7919) % i].clone()
+        } else {
+            format!("Document {i}: notes about machine {} and its disks.", i % 97)
+        };
+        texts.push(text);
+    }
+    let repeats = {
+        let mut seen = std::collections::HashSet::new();
+        texts.iter().filter(|t| !seen.insert(t.as_str())).count()
+    };
+    let mut results = serde_json::Map::new();
+    for (label, extra) in [("cache_off", ""), ("cache_64mib", "cache_mib = 64\n")] {
+        let state = load_minilm(models_dir, extra).await;
+        let served = ready_model(&state);
+        let Served::Embedding(embedder) = &*served else { unreachable!("{MODEL} is an embedding model") };
+        embed_all(embedder, &texts[..32]).await; // warm up (and, with the cache, nothing else)
+        let started = Instant::now();
+        for chunk in texts.chunks(32) {
+            embed_all(embedder, chunk).await;
+        }
+        let rate = texts.len() as f64 / started.elapsed().as_secs_f64();
+        println!("  ingest, {repeats} of {} texts repeated, {label}: {rate:.1} sentences/s", texts.len());
+        results.insert(label.into(), json!(round(rate, 1)));
+        drop(served);
+        shutdown(state).await;
+    }
+    results.insert("texts".into(), json!(texts.len()));
+    results.insert("repeated".into(), json!(repeats));
+    Value::Object(results)
 }
 
 /// Seconds to embed `sentences` in one request, and the tokens the model read.
