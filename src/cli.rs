@@ -34,6 +34,10 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Put files or folders into a vector store of a running Hearth (its `/v1/files` and
+    /// `/v1/vector_stores` API), with progress bars; files the store holds under the same path
+    /// are skipped.
+    Ingest(IngestArgs),
     /// About the configuration file.
     Config {
         #[command(subcommand)]
@@ -55,6 +59,9 @@ struct ConfigArgs {
     /// Where models are stored [default: $XDG_CACHE_HOME/hearth/models].
     #[arg(long, env = "HEARTH_MODELS_DIR")]
     models_dir: Option<PathBuf>,
+    /// Where `[rag]` keeps files and vector stores [default: $XDG_DATA_HOME/hearth].
+    #[arg(long, env = "HEARTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// API keys file, one key per line (replaces `[auth] keys_file`); under systemd, a credential
     /// (`$CREDENTIALS_DIRECTORY/api-keys`).
     #[arg(long, env = "HEARTH_API_KEYS_FILE")]
@@ -81,6 +88,36 @@ struct ServeArgs {
     /// Log filter, e.g. `info` or `hearth=debug,tower_http=debug` [default: from the config, else info].
     #[arg(long, env = "HEARTH_LOG")]
     log_level: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct IngestArgs {
+    /// Files and folders (walked recursively; hidden entries and unreadable types are skipped).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// The vector store: a name (created if no store has it) or an id (`vs_…`).
+    #[arg(long, short)]
+    store: String,
+    /// The server's base URL.
+    #[arg(long, env = "HEARTH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Static chunking: tokens per chunk (100 to 4096) [default: the server's `auto`, 800 tokens
+    /// with 400 overlap, capped at the embedding model's window].
+    #[arg(long)]
+    chunk_size: Option<usize>,
+    /// Tokens shared by neighbouring chunks, at most half the chunk size [default: half of
+    /// --chunk-size].
+    #[arg(long, requires = "chunk_size")]
+    chunk_overlap: Option<usize>,
+    /// An attribute set on every file, for search filters (repeatable); `path` is each file's own.
+    #[arg(long = "attribute", value_name = "KEY=VALUE", value_parser = crate::ingest::parse_attribute)]
+    attributes: Vec<(String, serde_json::Value)>,
+    /// Replace files the store already holds under the same path (a changed document).
+    #[arg(long)]
+    replace: bool,
+    /// No progress bars (they are also off when stderr is not a terminal).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Models { command } => run_async(models(command)),
+        Command::Ingest(args) => run_async(ingest(args)),
         Command::Config { command: ConfigCommand::Reference } => {
             print!("{}", config::reference::markdown());
             ExitCode::SUCCESS
@@ -139,7 +177,7 @@ pub fn main() -> ExitCode {
 /// `overrides` with what the config arguments set (models directory, keys).
 fn with_config_args(args: &ConfigArgs, overrides: Overrides) -> Overrides {
     let auth = AuthOverrides { keys_file: args.api_keys_file.clone(), api_key: args.api_key.clone() };
-    Overrides { models_dir: args.models_dir.clone(), auth, ..overrides }
+    Overrides { models_dir: args.models_dir.clone(), data_dir: args.data_dir.clone(), auth, ..overrides }
 }
 
 fn load_config(args: &ConfigArgs, overrides: Overrides) -> Result<Config, ExitCode> {
@@ -155,6 +193,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         host: args.host.clone(),
         port: args.port,
         models_dir: None,
+        data_dir: None,
         log_format: args.log_format,
         log_level: args.log_level.clone(),
         auth: AuthOverrides::default(),
@@ -219,6 +258,25 @@ fn run_async(future: impl std::future::Future<Output = anyhow::Result<()>>) -> E
             ExitCode::FAILURE
         }
     }
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    // The key the server wants: Hearth's own variable, else the one OpenAI's tools read.
+    let api_key = ["HEARTH_API_KEY", "OPENAI_API_KEY"]
+        .into_iter()
+        .find_map(|name| std::env::var(name).ok().filter(|k| !k.is_empty()));
+    let options = crate::ingest::IngestOptions {
+        paths: args.paths,
+        store: args.store.clone(),
+        url: args.url,
+        api_key,
+        chunking: args.chunk_size.map(|size| (size, args.chunk_overlap.unwrap_or(size / 2))),
+        attributes: args.attributes.into_iter().collect(),
+        replace: args.replace,
+        progress: !args.quiet,
+    };
+    let summary = crate::ingest::ingest(options).await?;
+    crate::ingest::report(&summary, &args.store)
 }
 
 async fn models(command: ModelsCommand) -> anyhow::Result<()> {

@@ -162,6 +162,11 @@ pub async fn serve(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         );
     }
     let loading = tokio::spawn(load_models(state.clone()));
+    if let Some(rag) = &state.rag {
+        tracing::info!(data_dir = %rag.config.data_dir.display(), "files and vector stores enabled");
+        rag.resume(&state);
+        rag.spawn_saver();
+    }
     let reaper = tokio::spawn(Arc::clone(&state.lifecycle).reap_idle());
     let reloads = tokio::spawn(reload_on_hangup(state.clone(), overrides));
     let (stop_accepting, stop) = tokio::sync::oneshot::channel::<()>();
@@ -190,6 +195,17 @@ pub async fn serve(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("connections were still open after the shutdown deadline"),
     }
     draining.await?;
+    if let Some(rag) = &state.rag {
+        // Ingests still running are `in_progress` in the record and resume at the next start.
+        let library = Arc::clone(&rag.library);
+        match tokio::task::spawn_blocking(move || library.flush()).await {
+            Ok(Ok(())) => tracing::info!("vector indexes saved"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot save the vector indexes; the next start replays them")
+            }
+            Err(e) => tracing::warn!(error = %e, "saving the vector indexes failed"),
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

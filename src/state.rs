@@ -14,6 +14,7 @@ use crate::auth::Keyring;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::loader::Loader;
+use crate::rag::Rag;
 use crate::telemetry;
 
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct AppState {
     pub keys: Arc<Keyring>,
     /// Loads and unloads models (startup, on demand, idle, admin).
     pub lifecycle: Arc<Lifecycle>,
+    /// Files and vector stores, when `[rag]` is configured.
+    pub rag: Option<Arc<Rag>>,
 }
 
 impl AppState {
@@ -51,6 +54,12 @@ impl AppState {
             config.server.onnxruntime_library.clone(),
         );
         let lifecycle = Arc::new(Lifecycle::new(&config, loader, Arc::clone(&registry)));
-        Ok(Self { config: Arc::new(config), registry, pool, metrics, keys, lifecycle })
+        let rag = match &config.rag {
+            Some(rag) => Some(Arc::new(Rag::open(rag.clone()).with_context(|| {
+                format!("cannot open the files and vector stores in {}", rag.data_dir.display())
+            })?)),
+            None => None,
+        };
+        Ok(Self { config: Arc::new(config), registry, pool, metrics, keys, lifecycle, rag })
     }
 }

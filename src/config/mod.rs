@@ -7,6 +7,7 @@
 
 mod auth;
 mod model;
+pub mod rag;
 pub mod reference;
 
 use std::collections::{BTreeMap, HashSet};
@@ -68,6 +69,7 @@ struct RawConfig {
     logging: RawLogging,
     #[serde(default)]
     auth: auth::RawAuth,
+    rag: Option<rag::RawRag>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,7 +214,7 @@ pub struct LoggingConfig {
     pub otlp_endpoint: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub file: Option<PathBuf>,
     pub models_dir: PathBuf,
@@ -220,6 +222,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub auth: AuthConfig,
     pub models: Vec<ModelConfig>,
+    /// Files and vector stores, when `[rag]` is present.
+    pub rag: Option<rag::RagConfig>,
 }
 
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -244,6 +248,8 @@ pub struct Overrides {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub models_dir: Option<PathBuf>,
+    /// `--data-dir` / `HEARTH_DATA_DIR`: where `[rag]` keeps files and vector stores.
+    pub data_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub auth: AuthOverrides,
@@ -462,7 +468,11 @@ fn parse(text: &str, file: Option<&Path>, overrides: &Overrides) -> Result<Confi
     }
     model::check_references(&models)?;
     let auth = auth::validate(raw.auth, &overrides.auth, file)?;
-    Ok(Config { file: None, models_dir, server: server_config, logging, auth, models })
+    let mut rag = raw.rag.map(|r| rag::validate(r, &models)).transpose()?;
+    if let (Some(rag), Some(dir)) = (&mut rag, &overrides.data_dir) {
+        rag.data_dir = dir.clone();
+    }
+    Ok(Config { file: None, models_dir, server: server_config, logging, auth, models, rag })
 }
 
 /// Every model route's limits: the server-wide ones, overridden per route by `[server.routes]`.
@@ -917,6 +927,7 @@ mod tests {
             port: Some(7000),
             host: Some("0.0.0.0".into()),
             models_dir: Some(PathBuf::from("/data")),
+            data_dir: None,
             log_format: Some(LogFormat::Json),
             log_level: None,
             auth: AuthOverrides::default(),

@@ -320,6 +320,27 @@ pub const MODEL_TTS: Section = Section {
     ],
 };
 
+pub const RAG: Section = Section {
+    table: "[rag]",
+    intro: "Files and vector stores (`/v1/files`, `/v1/vector_stores`, the `rag` extension of chat). Present: enabled; absent: those routes answer 404. Changes need a restart.",
+    keys: &[
+        key("data_dir", "`$HEARTH_DATA_DIR`, else `$XDG_DATA_HOME/hearth`", "Where uploads, the SQLite record and the indexes live (`--data-dir`, `HEARTH_DATA_DIR` override it)."),
+        key("embedding_model", "the first embedding model", "Id of the configured embedding model that embeds chunks and queries; a store keeps its dimension and refuses another model's vectors."),
+        key("rerank_model", "the first rerank model, if any", "Id of the configured rerank model that reorders fused candidates (search's `ranking_options.ranker = \"none\"` skips it)."),
+        key("max_file_bytes", "`67108864`", "Largest upload to `/v1/files`; larger gets 413."),
+        key("ingest_concurrency", "`2`", "Files extracted, chunked and embedded at once; the rest wait `in_progress`."),
+        key("candidates", "`50`", "Candidates each ranking (dense, BM25) contributes before fusion."),
+        key("rerank_candidates", "`20`", "Fused candidates the reranker reads per search."),
+        key("dense_weight", "`0.6`", "Weight of the dense ranking in the fusion (`0`: BM25 only)."),
+        key("lexical_weight", "`0.4`", "Weight of the BM25 ranking in the fusion (`0`: dense only)."),
+        key("fusion", "`\"relative_score\"`", "How the two rankings merge: `relative_score` (each ranking's scores rescaled to 0..1 over its candidates, then weighted and averaged; keeps margins) or `rrf` (reciprocal rank fusion: Σ weight / (k + rank); orders only)."),
+        key("rrf_k", "`60`", "Reciprocal rank fusion's constant, with `fusion = \"rrf\"`."),
+        key("exact_below", "`20000`", "Stores with fewer vectors are searched exactly (brute force), larger ones through the HNSW graph."),
+        key("half_precision", "`false`", "Keep vectors in the graph as f16 (half the memory)."),
+        key("save_interval_secs", "`30`", "How often changed vector indexes are saved (and at shutdown); after a crash the rest is replayed from SQLite."),
+    ],
+};
+
 pub const SECTIONS: &[&Section] = &[
     &TOP,
     &SERVER,
@@ -327,6 +348,7 @@ pub const SECTIONS: &[&Section] = &[
     &LOGGING,
     &AUTH,
     &AUTH_KEYS,
+    &RAG,
     &MODEL_COMMON,
     &MODEL_ENCODER,
     &MODEL_RERANK,
@@ -417,7 +439,7 @@ mod tests {
     #[test]
     fn every_table_lists_exactly_the_keys_its_parser_accepts() {
         let mut top = set(&fields_of::<RawConfig>());
-        for table in ["server", "logging", "auth"] {
+        for table in ["server", "logging", "auth", "rag"] {
             assert!(top.remove(table), "{table}");
         }
         assert_eq!(names(&TOP), top);
@@ -426,6 +448,7 @@ mod tests {
         assert_eq!(names(&LOGGING), set(&fields_of::<RawLogging>()));
         assert_eq!(names(&AUTH), set(&fields_of::<auth::RawAuth>()));
         assert_eq!(names(&AUTH_KEYS), set(&fields_of::<auth::RawKey>()));
+        assert_eq!(names(&RAG), set(&crate::config::rag::raw_fields()));
         assert_eq!(names(&MODEL_COMMON), set(model::COMMON_KEYS));
         assert_eq!(names(&MODEL_ENCODER), set(model::ENCODER_KEYS));
         assert_eq!(names(&MODEL_RERANK), set(model::RERANK_KEYS));

@@ -260,7 +260,7 @@ async fn read_form(state: &AppState, request: Request, task: Task) -> Result<Aud
 
 /// A browser page's `Origin` must be one the CORS settings allow (requests without one, from SDKs,
 /// curl or servers, pass).
-fn check_origin(state: &AppState, origin: Option<&HeaderValue>) -> Result<(), ApiError> {
+pub(crate) fn check_origin(state: &AppState, origin: Option<&HeaderValue>) -> Result<(), ApiError> {
     let Some(origin) = origin else { return Ok(()) };
     let allowed = &state.config.server.cors_allowed_origins;
     let origin = String::from_utf8_lossy(origin.as_bytes());
@@ -270,7 +270,7 @@ fn check_origin(state: &AppState, origin: Option<&HeaderValue>) -> Result<(), Ap
     Err(ApiError::OriginNotAllowed { origin: origin.into_owned() })
 }
 
-async fn text(field: Field<'_>, limit: usize) -> Result<String, ApiError> {
+pub(crate) async fn text(field: Field<'_>, limit: usize) -> Result<String, ApiError> {
     let name = field.name().unwrap_or("").to_string();
     field.text().await.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
@@ -278,7 +278,7 @@ async fn text(field: Field<'_>, limit: usize) -> Result<String, ApiError> {
     })
 }
 
-fn multipart_error(error: MultipartError, limit: usize) -> ApiError {
+pub(crate) fn multipart_error(error: MultipartError, limit: usize) -> ApiError {
     match error.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
         _ => ApiError::InvalidRequest {

@@ -36,11 +36,116 @@ pub struct ChatRequest {
     tools: Option<IgnoredAny>,
     tool_choice: Option<IgnoredAny>,
     parallel_tool_calls: Option<IgnoredAny>,
+    /// Hearth's grounded-chat extension (see [`RagOptions`]).
+    rag: Option<RagOptions>,
     #[serde(flatten)]
     fields: GenerationFields,
     /// Whatever no field above took: refused with 400.
     #[serde(flatten)]
     unknown: BTreeMap<String, IgnoredAny>,
+}
+
+/// `"rag": {"vector_store_ids": [...], "top_k": 5, "rerank_top_k": 3}`: retrieve `top_k`
+/// chunks from the stores for the last user message (or `query`), rerank them, and put the best
+/// `rerank_top_k` into the prompt as numbered sources; the response's `rag.sources` lists them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RagOptions {
+    vector_store_ids: Vec<String>,
+    top_k: Option<usize>,
+    rerank_top_k: Option<usize>,
+    #[serde(default = "yes")]
+    rerank: bool,
+    filters: Option<Value>,
+    query: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Most chunks retrieved for one chat request.
+const MAX_RAG_TOP_K: usize = 50;
+
+/// The instruction that precedes the sources in the system message.
+const GROUNDING: &str = "Answer using the numbered sources below and cite them by number, like [1]. If the \
+sources do not contain the answer, say that you do not know.";
+
+/// Retrieves the sources for a chat request and writes them into its system message. Returns
+/// the sources as the response shows them.
+async fn ground(
+    state: &AppState,
+    options: RagOptions,
+    messages: &mut Vec<ChatMessage>,
+) -> Result<Value, ApiError> {
+    let rag = super::files::rag(state)?;
+    if options.vector_store_ids.is_empty() {
+        return Err(ApiError::invalid(
+            "`rag.vector_store_ids` must name at least one vector store",
+            "rag.vector_store_ids",
+        ));
+    }
+    let top_k = options.top_k.unwrap_or(5);
+    if !(1..=MAX_RAG_TOP_K).contains(&top_k) {
+        return Err(ApiError::invalid(
+            format!("`rag.top_k` must be between 1 and {MAX_RAG_TOP_K}"),
+            "rag.top_k",
+        ));
+    }
+    let keep = options.rerank_top_k.unwrap_or(3.min(top_k));
+    if keep == 0 || keep > top_k {
+        return Err(ApiError::invalid(
+            "`rag.rerank_top_k` must be between 1 and `rag.top_k`",
+            "rag.rerank_top_k",
+        ));
+    }
+    let query =
+        match options.query {
+            Some(query) => query,
+            None => messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).ok_or_else(
+                || ApiError::invalid("grounded chat needs a user message (or `rag.query`)", "rag.query"),
+            )?,
+        };
+    if query.trim().is_empty() {
+        return Err(ApiError::invalid("the query for `rag` is empty", "rag.query"));
+    }
+    let filter = options.filters.as_ref().map(hearth_rag::filter::Filter::parse).transpose()?;
+    let stores = options.vector_store_ids.clone();
+    rag.run(move |library| stores.iter().try_for_each(|s| library.store(s).map(drop))).await?;
+    let mut hits = rag
+        .search(state, options.vector_store_ids, query.clone(), top_k, filter, false, f64::NEG_INFINITY)
+        .await?;
+    if options.rerank {
+        hits = rag.rerank(state, query, hits).await?;
+    }
+    hits.truncate(keep);
+    let mut context = String::from(GROUNDING);
+    for (i, hit) in hits.iter().enumerate() {
+        context.push_str(&format!("\n\n[{}] {}\n{}", i + 1, hit.filename, hit.text.trim()));
+    }
+    if hits.is_empty() {
+        context.push_str("\n\n(No sources matched.)");
+    }
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => first.content = format!("{}\n\n{context}", first.content),
+        _ => messages.insert(0, ChatMessage { role: "system".into(), content: context }),
+    }
+    let sources: Vec<Value> = hits
+        .iter()
+        .enumerate()
+        .map(|(i, hit)| {
+            json!({
+                "marker": i + 1,
+                "vector_store_id": hit.store_id,
+                "file_id": hit.file_id,
+                "filename": hit.filename,
+                "chunk": hit.position,
+                "score": hit.score,
+                "text": hit.text,
+            })
+        })
+        .collect();
+    Ok(json!({ "sources": sources }))
 }
 
 #[derive(Deserialize)]
@@ -143,12 +248,18 @@ fn messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
         .collect()
 }
 
-struct ChatChunks(ChunkHeader);
+/// The chunks of a streamed chat; the first also carries the grounded sources, if any.
+struct ChatChunks(ChunkHeader, Option<Value>);
 
 impl ChunkFormat for ChatChunks {
     fn opening(&self, index: usize) -> Option<Value> {
         let delta = json!({"role": "assistant", "content": ""});
-        Some(self.0.chunk(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}])))
+        let mut chunk =
+            self.0.chunk(json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": null}]));
+        if let (Some(sources), 0) = (&self.1, index) {
+            chunk["rag"] = sources.clone();
+        }
+        Some(chunk)
     }
 
     fn text(&self, index: usize, text: &str) -> Value {
@@ -205,8 +316,13 @@ async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Resu
     let fields = request.fields;
     let n = fields.choices()?;
     let options = fields.options(n, generator.scheduler().info().vocab_size, caller.priority())?;
+    let mut messages = messages(request.messages)?;
+    let sources = match request.rag {
+        Some(options) => Some(ground(state, options, &mut messages).await?),
+        None => None,
+    };
     let prompt = generator
-        .prepare(Prompt::Chat(messages(request.messages)?), caller.priority())
+        .prepare(Prompt::Chat(messages), caller.priority())
         .await
         .map_err(|e| ApiError::from(e).for_prompt("messages"))?;
     let streams = generator.start(&prompt, options)?;
@@ -214,14 +330,17 @@ async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Resu
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let (created, fingerprint) = (generation::unix_now(), generation::system_fingerprint());
     if fields.stream {
-        let format = ChatChunks(ChunkHeader {
-            id,
-            object: "chat.completion.chunk",
-            created,
-            model: entry.id.to_string(),
-            fingerprint,
-            include_usage: fields.include_usage(),
-        });
+        let format = ChatChunks(
+            ChunkHeader {
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model: entry.id.to_string(),
+                fingerprint,
+                include_usage: fields.include_usage(),
+            },
+            sources,
+        );
         return Ok(generation::sse(streams, format, prompt.tokens.len(), fields.include_usage(), caller));
     }
     if fields.stream_options.is_some() {
@@ -240,7 +359,7 @@ async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Resu
         }));
         usages.push(done.usage);
     }
-    Ok(axum::Json(json!({
+    let mut body = json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
@@ -248,8 +367,11 @@ async fn respond(state: &AppState, request: ChatRequest, caller: Caller) -> Resu
         "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": generation::usage_json(prompt.tokens.len(), &usages),
-    }))
-    .into_response())
+    });
+    if let Some(sources) = sources {
+        body["rag"] = sources;
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 #[cfg(test)]

@@ -65,6 +65,13 @@ pub enum ApiError {
     ModelNotFound {
         model: String,
     },
+    /// A file, vector store or batch that does not exist (404); `param` names the path part.
+    NotFound {
+        message: String,
+        param: &'static str,
+    },
+    /// Files and vector stores without a `[rag]` section (404).
+    RagDisabled,
     /// The model exists but serves another endpoint.
     WrongModelKind {
         model: Arc<str>,
@@ -142,7 +149,10 @@ impl ApiError {
             }
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnknownRoute { .. } | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownRoute { .. }
+            | Self::ModelNotFound { .. }
+            | Self::NotFound { .. }
+            | Self::RagDisabled => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotReady { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -177,6 +187,8 @@ impl ApiError {
             Self::UnknownRoute { .. } => Some("unknown_url"),
             Self::MethodNotAllowed { .. } => Some("method_not_allowed"),
             Self::ModelNotFound { .. } => Some("model_not_found"),
+            Self::NotFound { .. } => Some("not_found"),
+            Self::RagDisabled => Some("rag_disabled"),
             Self::WrongModelKind { .. } => Some("model_kind_mismatch"),
             Self::ModelNotReady { failed: false, .. } => Some("model_loading"),
             Self::ModelNotReady { failed: true, .. } => Some("model_failed"),
@@ -197,6 +209,7 @@ impl ApiError {
             Self::ContextLengthExceeded { param, .. } => Some(param.to_string()),
             Self::Unsupported { param, .. } => Some(param.clone()),
             Self::InvalidAudio { .. } => Some("file".into()),
+            Self::NotFound { param, .. } => Some(param.to_string()),
             Self::ModelNotFound { .. } | Self::WrongModelKind { .. } => Some("model".into()),
             _ => None,
         }
@@ -208,7 +221,13 @@ impl ApiError {
             | Self::Overloaded { message, .. }
             | Self::ContextLengthExceeded { message, .. }
             | Self::InvalidAudio { message, .. }
+            | Self::NotFound { message, .. }
             | Self::Unsupported { message, .. } => message.clone(),
+            Self::RagDisabled => {
+                "Files and vector stores are not enabled on this server: add a `[rag]` section \
+                                  to its config"
+                    .into()
+            }
             Self::NotMultipart { content_type } => format!(
                 "{} is not supported here; send the file as `multipart/form-data` (the OpenAI SDKs do)",
                 match content_type {
@@ -389,6 +408,35 @@ fn subject_param(subject: Subject) -> String {
         Subject::Input(_) => "input".into(),
         Subject::Query => "query".into(),
         Subject::Document(_) => "documents".into(),
+    }
+}
+
+impl From<hearth_rag::RagError> for ApiError {
+    fn from(err: hearth_rag::RagError) -> Self {
+        use hearth_rag::RagError;
+        let message = err.to_string();
+        match err {
+            RagError::NotFound { what, id } => Self::NotFound {
+                message: format!("No such {what}: `{id}`"),
+                param: match what {
+                    "file" | "file in this vector store" => "file_id",
+                    "file batch" => "batch_id",
+                    _ => "vector_store_id",
+                },
+            },
+            RagError::Invalid { param, message } => {
+                Self::InvalidRequest { message, param: Some(param.into()) }
+            }
+            RagError::Unsupported(message) => Self::InvalidRequest { message, param: Some("file".into()) },
+            RagError::DimensionMismatch { .. } => Self::InvalidRequest {
+                message: format!(
+                    "{message}: the store was filled by another embedding model ([rag] embedding_model)"
+                ),
+                param: Some("vector_store_id".into()),
+            },
+            RagError::Closed => Self::ShuttingDown,
+            other => Self::Internal { cause: other.to_string() },
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod completions;
 pub mod embeddings;
 pub mod error;
+pub mod files;
 pub mod generation;
 pub mod guard;
 pub mod health;
@@ -15,6 +16,7 @@ pub mod json;
 pub mod models;
 pub mod rerank;
 pub mod speech;
+pub mod vector_stores;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -131,7 +133,27 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models::list))
         // Ids may contain `/` (`org/name`), sent raw or percent-encoded.
         .route("/v1/models/{*id}", get(models::retrieve))
-        .route("/admin/models/{*action}", post(admin::act));
+        .route("/admin/models/{*action}", post(admin::act))
+        .route("/v1/files", get(files::list_files).merge(upload_route(&state)))
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/vector_stores", get(vector_stores::list_stores).post(vector_stores::create))
+        .route(
+            "/v1/vector_stores/{id}",
+            get(vector_stores::retrieve).post(vector_stores::update).delete(vector_stores::delete),
+        )
+        .route("/v1/vector_stores/{id}/files", get(vector_stores::list_files).post(vector_stores::add_file))
+        .route(
+            "/v1/vector_stores/{id}/files/{file_id}",
+            get(vector_stores::retrieve_file)
+                .post(vector_stores::update_file)
+                .delete(vector_stores::delete_file),
+        )
+        .route("/v1/vector_stores/{id}/file_batches", post(vector_stores::create_batch))
+        .route("/v1/vector_stores/{id}/file_batches/{batch_id}", get(vector_stores::retrieve_batch))
+        .route("/v1/vector_stores/{id}/file_batches/{batch_id}/cancel", post(vector_stores::cancel_batch))
+        .route("/v1/vector_stores/{id}/file_batches/{batch_id}/files", get(vector_stores::batch_files))
+        .route("/v1/vector_stores/{id}/search", post(vector_stores::search));
     let mut open = Router::new().route("/health", get(health::health)).route("/ready", get(health::ready));
     if state.keys.metrics_require_key {
         keyed = keyed.route("/metrics", get(health::metrics));
@@ -181,6 +203,16 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(guard::close_after_unread_body))
 }
 
+/// `POST /v1/files`: bodies up to `[rag] max_file_bytes` plus room for the form's other fields.
+fn upload_route(state: &AppState) -> MethodRouter<AppState> {
+    let limit =
+        state.config.rag.as_ref().map_or(state.config.server.max_request_body_bytes, |r| r.max_file_bytes)
+            + 64 * 1024;
+    post(files::upload)
+        .layer::<_, std::convert::Infallible>(axum::Extension(BodyLimit(limit)))
+        .layer(DefaultBodyLimit::max(limit))
+}
+
 fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
@@ -194,7 +226,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_methods([Method::GET, Method::POST, Method::DELETE, Method::OPTIONS])
             .allow_headers([axum::http::header::CONTENT_TYPE, axum::http::header::AUTHORIZATION])
             .expose_headers([REQUEST_ID]),
     )

@@ -231,12 +231,13 @@ def log_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(log_dir) -> HearthServer:
-    """The session's server: config/offline.toml (SmolLM2 chat, Whisper base speech to text, Piper joe text to speech, MiniLM embeddings and bi-encoder rerank)."""
+def server(log_dir, tmp_path_factory) -> HearthServer:
+    """The session's server: config/offline.toml (SmolLM2 chat, Whisper base speech to text, Piper joe text to speech, MiniLM embeddings and bi-encoder rerank, files and vector stores in a fresh data directory)."""
+    data_dir = tmp_path_factory.mktemp("hearth-data")
     srv = launch(
         "offline",
         lambda port: ["serve", "--config", str(OFFLINE_CONFIG), "--port", str(port), "--log-format", "json"],
-        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir()), HEARTH_DATA_DIR=str(data_dir)),
         log_dir,
     )
     yield srv

@@ -285,3 +285,44 @@ async fn the_cache_answers_repeats_identically_and_stays_in_its_bound() {
         assert!(cache_bytes() <= max, "{} > {max}", cache_bytes());
     }
 }
+
+/// A bi-encoder reranker over a cached embedder reads the same cache: documents already
+/// embedded (a vector store's chunks) are not embedded again to be reranked, and the scores are
+/// those of the uncached model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bi_encoder_reranking_reuses_the_embedding_cache() {
+    let app = app(&tiny_config(
+        "\n[[models]]\nid = \"tiny-cached\"\nkind = \"embedding\"\nsource = \"tiny-bert-embed\"\ndevice = \"cpu\"\ncache_mib = 1\n\
+         \n[[models]]\nid = \"tiny-cached-rerank\"\nkind = \"rerank\"\nembedding_model = \"tiny-cached\"\n",
+    ))
+    .await;
+    let documents = ["red apple", "blue sky", "green pear"];
+    let embedded = app.post("/v1/embeddings", json!({"model": "tiny-cached", "input": documents})).await;
+    assert_eq!(embedded.status, StatusCode::OK, "{}", embedded.text);
+    let cache_bytes = || cached_model(&app).cache().unwrap().bytes();
+    let after_documents = cache_bytes();
+    let rerank = json!({"model": "tiny-cached-rerank", "query": "fruit", "documents": documents});
+    let first = app.post("/v1/rerank", rerank.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let after_rerank = cache_bytes();
+    assert!(after_rerank > after_documents, "the rerank went through the cache (its query is new)");
+    let again = app.post("/v1/rerank", rerank).await;
+    assert_eq!(again.body["results"], first.body["results"]);
+    assert_eq!(cache_bytes(), after_rerank, "a repeat is answered from the cache");
+    let query = app.post("/v1/embeddings", json!({"model": "tiny-cached", "input": "fruit"})).await;
+    assert_eq!(query.status, StatusCode::OK);
+    assert_eq!(cache_bytes(), after_rerank, "the rerank stored the query where embeddings find it");
+    let uncached = app
+        .post(
+            "/v1/embeddings",
+            json!({"model": "tiny-embed", "input": ["fruit", documents[0], documents[1], documents[2]]}),
+        )
+        .await;
+    let vectors: Vec<Vec<f32>> = (0..4).map(|i| floats(&uncached.body["data"][i]["embedding"])).collect();
+    for result in first.body["results"].as_array().unwrap() {
+        let index = result["index"].as_u64().unwrap() as usize;
+        let cosine: f32 = vectors[0].iter().zip(&vectors[index + 1]).map(|(a, b)| a * b).sum();
+        let score = result["relevance_score"].as_f64().unwrap() as f32;
+        assert!((score - cosine).abs() < 1e-5, "document {index}: {score} vs {cosine}");
+    }
+}

@@ -11,12 +11,15 @@ mod fuzz;
 mod keep_alive;
 mod lifecycle;
 mod operations;
+mod rag;
 #[cfg(feature = "real-weights")]
 mod real_llm;
 #[cfg(all(feature = "real-weights", feature = "onnx"))]
 mod real_onnx;
 #[cfg(all(feature = "real-weights", feature = "tts"))]
 mod real_piper;
+#[cfg(all(feature = "real-weights", feature = "onnx"))]
+mod real_rag;
 #[cfg(feature = "real-weights")]
 mod real_weights;
 #[cfg(feature = "real-weights")]

@@ -119,6 +119,17 @@ pub trait Embed: Send + Sync {
     ) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
         self.embed_with(input, dimensions, None, priority)
     }
+
+    /// Most tokens of one input the model reads, special tokens excluded (a chunker's ceiling).
+    fn max_input_tokens(&self) -> usize;
+
+    /// Byte ranges of `text`'s tokens under the model's tokenizer (special tokens left out), for
+    /// cutting documents into chunks of the model's own tokens; runs on the preprocessing pool.
+    fn token_offsets(
+        &self,
+        text: String,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<Vec<(usize, usize)>, EngineError>>;
 }
 
 /// A text encoder's tokenizer, owner thread, limits and admission.
@@ -185,8 +196,9 @@ impl Embedder {
     }
 
     /// Runs the sequences the cache does not hold (all of them without a cache) and stores what
-    /// the model returns; a request fully in the cache never reaches the queue.
-    async fn encode_cached(
+    /// the model returns; a request fully in the cache never reaches the queue. The bi-encoder
+    /// reranker shares it: documents embedded at ingest are not embedded again to be reranked.
+    pub(crate) async fn encode_cached(
         &self,
         sequences: Vec<Sequence>,
         priority: Priority,
@@ -312,6 +324,24 @@ impl Embedder {
 }
 
 impl Embed for Embedder {
+    fn max_input_tokens(&self) -> usize {
+        self.service
+            .limits
+            .length
+            .max_tokens
+            .saturating_sub(self.service.tokenizer.special_tokens_single())
+            .max(1)
+    }
+
+    fn token_offsets(
+        &self,
+        text: String,
+        priority: Priority,
+    ) -> BoxFuture<'_, Result<Vec<(usize, usize)>, EngineError>> {
+        let tokenizer = Arc::clone(&self.service.tokenizer);
+        Box::pin(async move { self.service.pool.run(priority, move |_| tokenizer.offsets(&text)).await? })
+    }
+
     fn dims(&self) -> usize {
         self.info.dims
     }

@@ -189,7 +189,7 @@ async fn bi_encoder_scores(
     let texts = std::iter::once(query).chain(documents).collect();
     let sequences = service.tokenize(texts, subject, limits, priority).await?;
     let n_tokens = sequences.iter().map(Sequence::len).sum();
-    let vectors = service.worker.encode(sequences, priority).await?;
+    let vectors = embedder.encode_cached(sequences, priority).await?;
     let (query_vector, document_vectors) = vectors.split_first().ok_or_else(|| EngineError::Backend {
         model: Arc::clone(service.worker.model()),
         message: "no vector for the query".into(),

@@ -39,6 +39,8 @@ pub enum TruncationSide {
 
 /// A first guess at bytes per token when cutting a long text; too small only costs a retry.
 const PREFIX_BYTES_PER_TOKEN: usize = 8;
+/// Bytes tokenized at once by [`TextTokenizer::offsets`].
+pub const OFFSET_PIECE_BYTES: usize = 64 * 1024;
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -120,6 +122,26 @@ impl TextTokenizer {
             .post_process(first, second, true)
             .map_err(|e| EngineError::Tokenize { subject, message: e.to_string() })?;
         Ok(Sequence { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec() })
+    }
+
+    /// Byte ranges of `text`'s tokens (special tokens left out), in order: where a chunker may
+    /// cut. A long text is tokenized in pieces of about [`OFFSET_PIECE_BYTES`] ending at
+    /// whitespace (where word-level pre-tokenizers split anyway), so memory stays bounded.
+    pub fn offsets(&self, text: &str) -> Result<Vec<(usize, usize)>, EngineError> {
+        let mut offsets = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            let rest = &text[start..];
+            let piece = if self.splits_words && rest.len() > OFFSET_PIECE_BYTES {
+                word_prefix(rest, OFFSET_PIECE_BYTES).unwrap_or(rest)
+            } else {
+                rest
+            };
+            let encoding = self.raw(piece, Subject::Input(0))?;
+            offsets.extend(encoding.get_offsets().iter().map(|&(s, e)| (start + s, start + e)));
+            start += piece.len();
+        }
+        Ok(offsets)
     }
 
     /// One text → one sequence with special tokens.
