@@ -36,7 +36,7 @@ impl Metric {
     }
 }
 
-/// The graph's settings (see `benches/results/ann.json` for what they cost and give).
+/// The graph's settings (`cargo bench --bench ann` measures what they cost and give).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DenseOptions {
     /// Neighbours per node (HNSW's M).
@@ -384,7 +384,7 @@ mod tests {
         }
         index.add(&chunks[..600]).unwrap();
         assert_eq!(index.len(), 3000, "a replay replaces");
-        let wrong = vec![0f32; 31];
+        let wrong = [0f32; 31];
         let err = index.add(&[(1, &wrong[..], 3001)]).unwrap_err();
         assert!(matches!(err, RagError::DimensionMismatch { expected: 32, got: 31, .. }), "{err}");
         assert_eq!(index.len(), 3000);
