@@ -14,7 +14,15 @@
 //! computed here by a plain dot-product scan, independently of both libraries.
 //!
 //! `HEARTH_BENCH_ANN_SIZES` (default `100000,1000000`) and `HEARTH_BENCH_ANN_QUERIES`
-//! (default 1000) change the scale.
+//! (default 1000) change the scale. Above 200,000 vectors only the store's default index
+//! (usearch f32) is built, since the f16 and hnsw_rs builds would take the better part of an
+//! hour each on a 2-core machine; the libraries are compared at the smaller size.
+//! `HEARTH_BENCH_ANN_ALL=1` builds all three at every size.
+//!
+//! A second, quick part sizes the store's `exact_below`: at 1,000 to 50,000 vectors, exact search
+//! against the HNSW graph for what a store search asks (its 50 dense candidates, ef 64), to find
+//! where the graph starts to pay. Results: `benches/results/ann-small.json`.
+//! `HEARTH_BENCH_ANN_SIZES=none` runs only this part.
 
 mod common;
 
@@ -24,7 +32,7 @@ use std::time::Instant;
 use hearth_rag::{DenseIndex, DenseOptions, Metric};
 use serde_json::{json, Value};
 
-use common::{machine, round};
+use common::{machine, round, status_mib};
 
 const DIMS: usize = 384;
 const LATENT: usize = 32;
@@ -148,16 +156,6 @@ where
     (results, qps)
 }
 
-/// The process's current resident set, in MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
@@ -176,7 +174,7 @@ fn usearch_run(data: &[f32], queries: &[f32], truth: &[Vec<u64>], half: bool) ->
         half_precision: half,
         ..DenseOptions::default()
     };
-    let rss_before = rss_mib();
+    let rss_before = status_mib("self", "VmRSS");
     let mut index = DenseIndex::open("bench", dir.path(), DIMS, Metric::Dot, options).expect("an index");
     let started = Instant::now();
     // As the store adds them: one file's chunks at a time (here 1,000 vectors per call).
@@ -192,7 +190,7 @@ fn usearch_run(data: &[f32], queries: &[f32], truth: &[Vec<u64>], half: bool) ->
         index.add(&chunks).expect("add");
     }
     let build_s = started.elapsed().as_secs_f64();
-    let rss_after = rss_mib();
+    let rss_after = status_mib("self", "VmRSS");
     let started = Instant::now();
     index.save(dir.path()).expect("save");
     let save_s = started.elapsed().as_secs_f64();
@@ -246,16 +244,17 @@ fn usearch_run(data: &[f32], queries: &[f32], truth: &[Vec<u64>], half: bool) ->
 fn hnsw_rs_run(data: &[f32], queries: &[f32], truth: &[Vec<u64>]) -> Value {
     use hnsw_rs::prelude::*;
     let n = data.len() / DIMS;
-    let rss_before = rss_mib();
-    let layers = 16.min((n as f32).ln().trunc() as usize);
-    let hnsw = Hnsw::<f32, DistDot>::new(CONNECTIVITY, n, layers, EXPANSION_ADD, DistDot {});
+    let rss_before = status_mib("self", "VmRSS");
+    // hnsw_rs dumps only graphs built with its maximum layer count (16), which is also what its
+    // documentation suggests; the upper layers of a 1M graph are nearly empty either way.
+    let hnsw = Hnsw::<f32, DistDot>::new(CONNECTIVITY, n, 16, EXPANSION_ADD, DistDot {});
     let started = Instant::now();
     let items: Vec<(&[f32], usize)> = data.chunks_exact(DIMS).enumerate().map(|(i, v)| (v, i)).collect();
     for part in items.chunks(1000) {
         hnsw.parallel_insert_slice(&part.to_vec());
     }
     let build_s = started.elapsed().as_secs_f64();
-    let rss_after = rss_mib();
+    let rss_after = status_mib("self", "VmRSS");
     let dir = tempfile::tempdir().expect("a temp dir");
     let started = Instant::now();
     hnsw.file_dump(dir.path(), "bench").expect("dump");
@@ -286,32 +285,108 @@ fn hnsw_rs_run(data: &[f32], queries: &[f32], truth: &[Vec<u64>]) -> Value {
     })
 }
 
+/// What a store search asks the dense index for (`[rag] candidates`' default) and the graph's
+/// search width (`DenseOptions::default().expansion_search`).
+const STORE_CANDIDATES: usize = 50;
+const SMALL_SIZES: [usize; 6] = [1_000, 2_000, 5_000, 10_000, 20_000, 50_000];
+
+/// Exact search against the graph on small stores, as the store asks: recall of the graph's 50
+/// against the exact 50, and queries/s of each.
+fn small_stores(distribution: &Distribution, rng: &mut Rng, queries: &[f32]) -> Value {
+    let ef = DenseOptions::default().expansion_search;
+    let mut rows = Vec::new();
+    println!("small stores: exact search vs the graph for {STORE_CANDIDATES} candidates (ef {ef})");
+    for n in SMALL_SIZES {
+        let data = distribution.sample(rng, n);
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut index = DenseIndex::open("bench", dir.path(), DIMS, Metric::Dot, DenseOptions::default())
+            .expect("an index");
+        let chunks: Vec<(u64, &[f32], i64)> =
+            data.chunks_exact(DIMS).enumerate().map(|(i, v)| (i as u64, v, i as i64 + 1)).collect();
+        index.add(&chunks).expect("add");
+        index.save(dir.path()).expect("save");
+        let open = |exact_below| {
+            let options = DenseOptions { exact_below, ..DenseOptions::default() };
+            DenseIndex::open("bench", dir.path(), DIMS, Metric::Dot, options).expect("reopen")
+        };
+        let (exact, graph) = (open(usize::MAX), open(0));
+        let ids = |index: &DenseIndex, q: &[f32]| -> Vec<u64> {
+            index.search(q, STORE_CANDIDATES, None).expect("search").into_iter().map(|(k, _)| k).collect()
+        };
+        // Interleaved twice, the better of each kept: the machine's noise hits both alike.
+        let mut best = (0f64, 0f64);
+        let (mut truth, mut found) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let (t, exact_qps) = timed_queries(queries, |q| ids(&exact, q));
+            let (f, graph_qps) = timed_queries(queries, |q| ids(&graph, q));
+            best = (best.0.max(exact_qps), best.1.max(graph_qps));
+            (truth, found) = (t, f);
+        }
+        let hits: usize =
+            found.iter().zip(&truth).map(|(f, t)| f.iter().filter(|k| t.contains(k)).count()).sum();
+        let recall = hits as f64 / (truth.len() * STORE_CANDIDATES) as f64;
+        println!(
+            "  {n:>6} vectors: exact {:.0} queries/s, graph {:.0} queries/s (recall@{STORE_CANDIDATES} {recall:.4})",
+            best.0, best.1
+        );
+        rows.push(json!({
+            "vectors": n,
+            "exact_qps": round(best.0, 1),
+            "graph_qps": round(best.1, 1),
+            "graph_recall_at_50": round(recall, 4),
+        }));
+    }
+    json!({
+        "bench": "ann-small",
+        "machine": machine(),
+        "dimensions": DIMS,
+        "candidates": STORE_CANDIDATES,
+        "expansion_search": ef,
+        "threads": threads(),
+        "exact_below_default": DenseOptions::default().exact_below,
+        "sizes": rows,
+    })
+}
+
 fn main() {
-    let sizes: Vec<usize> = std::env::var("HEARTH_BENCH_ANN_SIZES")
-        .unwrap_or_else(|_| "100000,1000000".into())
-        .split(',')
-        .map(|s| s.trim().parse().expect("HEARTH_BENCH_ANN_SIZES: comma-separated counts"))
-        .collect();
+    let sizes: Vec<usize> = match std::env::var("HEARTH_BENCH_ANN_SIZES").as_deref() {
+        Ok("none") => Vec::new(),
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().parse().expect("HEARTH_BENCH_ANN_SIZES: comma-separated counts or `none`"))
+            .collect(),
+        Err(_) => vec![100_000, 1_000_000],
+    };
     let query_count: usize =
         std::env::var("HEARTH_BENCH_ANN_QUERIES").ok().and_then(|q| q.parse().ok()).unwrap_or(1000);
     let mut rng = Rng(0x4845_4152_5448);
     let distribution = Distribution::new(&mut rng);
     let queries = distribution.sample(&mut rng, query_count);
+    // Its own generator, so the large runs see the same vectors whether or not this part runs.
+    let small = small_stores(&distribution, &mut Rng(0x0053_4D41_4C4C), &queries);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/ann-small.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&small).expect("JSON") + "\n").expect("write results");
+    println!("wrote {}", path.display());
+    if sizes.is_empty() {
+        return;
+    }
     let mut runs = Vec::new();
     for &n in &sizes {
         println!("{n} vectors, {query_count} queries");
         let data = distribution.sample(&mut rng, n);
         let (truth, exact_qps) = timed_queries(&queries, |q| exact(&data, q));
         println!("  brute force (plain scan, all cores): {exact_qps:.1} queries/s");
-        let usearch_f32 = usearch_run(&data, &queries, &truth, false);
-        let usearch_f16 = usearch_run(&data, &queries, &truth, true);
-        let hnsw_rs = hnsw_rs_run(&data, &queries, &truth);
+        let mut indexes = vec![usearch_run(&data, &queries, &truth, false)];
+        if n <= 200_000 || std::env::var_os("HEARTH_BENCH_ANN_ALL").is_some() {
+            indexes.push(usearch_run(&data, &queries, &truth, true));
+            indexes.push(hnsw_rs_run(&data, &queries, &truth));
+        }
         runs.push(json!({
             "vectors": n,
             "queries": query_count,
             "raw_vectors_mib": round((n * DIMS * 4) as f64 / 1048576.0, 1),
             "brute_force_plain_scan_qps": round(exact_qps, 2),
-            "indexes": [usearch_f32, usearch_f16, hnsw_rs],
+            "indexes": indexes,
         }));
     }
     let result = json!({

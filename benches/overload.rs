@@ -14,13 +14,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::server::{models_dir, Server};
 use common::{machine, round};
 use serde_json::{json, Value};
 
@@ -34,12 +33,6 @@ fn main() {
     common::run(bench());
 }
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/hearth/models")
-    })
-}
-
 fn sentences() -> Arc<[String]> {
     let base = [
         "The mill by the river has ground flour for the town since the fourteenth century.",
@@ -50,72 +43,16 @@ fn sentences() -> Arc<[String]> {
     (0..1_000).map(|i| format!("{} Item {i}.", base[i % base.len()])).collect()
 }
 
-/// One `hearth serve` process.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(name: &str, max_queue_wait_ms: u64) -> Self {
-        let dir = std::env::temp_dir().join(format!("hearth-overload-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let config = dir.join("hearth.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nport = 0\nmax_concurrent_requests_per_route = 4096\nmax_concurrent_requests = 4096\n\
-                 queue_depth = 4096\nmax_queue_wait_ms = {max_queue_wait_ms}\n\
-                 [[models]]\nid = \"{MODEL}\"\nkind = \"embedding\"\nsource = \"{MODEL}\"\n"
-            ),
-        )
-        .expect("the config is written");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .args(["--log-format", "json", "--log-level", "warn,hearth::server=info"])
-            .env("HEARTH_MODELS_DIR", models_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the hearth binary starts");
-        let log = child.stderr.take().expect("a stderr pipe");
-        let (address_tx, address_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(log).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(address) = serde_json::from_str::<Value>(&line)
-                        .ok()
-                        .filter(|v| v["message"] == "listening")
-                        .and_then(|v| v["address"].as_str().map(str::to_owned))
-                    {
-                        let _ = address_tx.send(address);
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let address = address_rx.recv_timeout(Duration::from_secs(60)).expect("the server listens");
-        let server = Self { child, url: format!("http://{address}") };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let ready = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", &format!("{}/ready", server.url)])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                return server;
-            }
-            assert!(Instant::now() < deadline, "the server never became ready");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let _ = self.child.wait();
-    }
+/// A server whose model queue policy is the one measured (`max_queue_wait_ms`).
+fn start(name: &str, max_queue_wait_ms: u64) -> Server {
+    Server::start(
+        &format!("overload-{name}"),
+        &format!(
+            "[server]\nport = 0\nmax_concurrent_requests_per_route = 4096\nmax_concurrent_requests = 4096\n\
+             queue_depth = 4096\nmax_queue_wait_ms = {max_queue_wait_ms}\n\
+             [[models]]\nid = \"{MODEL}\"\nkind = \"embedding\"\nsource = \"{MODEL}\"\n"
+        ),
+    )
 }
 
 /// How one request ended.
@@ -305,7 +242,7 @@ async fn bench() {
     });
     let mut capacity_rps = 0.0;
     for (policy, max_wait) in [("shed", 2_000u64), ("off", 0)] {
-        let server = Server::start(policy, max_wait);
+        let server = start(policy, max_wait);
         closed_loop(&server, 8, Duration::from_secs(3)).await; // warm-up
         let mut entry = json!({"max_queue_wait_ms": max_wait});
         if policy == "shed" {

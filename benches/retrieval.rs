@@ -20,10 +20,9 @@ use hearth::state::AppState;
 use hearth_engine::embed::{Embed, EmbedInput, Embedder};
 use hearth_engine::registry::{LoadState, Served};
 use hearth_engine::Priority;
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
+use common::retrieval_debian::{self, Document};
 use common::{machine, round};
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -32,28 +31,14 @@ const DATA_DIR: &str = "benches/data/retrieval-debian";
 const CUTOFFS: [usize; 3] = [1, 5, 10];
 const MRR_CUTOFF: usize = 10;
 
-#[derive(Deserialize)]
-struct Document {
-    id: String,
-    title: String,
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct Query {
-    query: String,
-    relevant: Vec<String>,
-}
-
 fn main() {
     common::run(bench());
 }
 
 async fn bench() {
     let started = Instant::now();
-    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(DATA_DIR);
-    let documents: Vec<Document> = read_jsonl(&data_dir.join("corpus.jsonl"));
-    let queries: Vec<Query> = read_jsonl(&data_dir.join("queries.jsonl"));
+    let documents = retrieval_debian::documents();
+    let queries = retrieval_debian::queries();
     let models_dir = std::env::var_os("HEARTH_MODELS_DIR").map_or_else(default_models_dir, PathBuf::from);
     // `HEARTH_BENCH_EMBED_SOURCE`: another folder of the same model (the int8 ONNX export, with
     // `--features onnx`); its results go to `retrieval-FOLDER.json`.
@@ -85,7 +70,7 @@ async fn bench() {
     };
     let Served::Embedding(embedder) = &*served else { unreachable!("{MODEL} is an embedding model") };
 
-    let document_texts = documents.iter().map(|d| format!("{}\n{}", d.title, d.text)).collect();
+    let document_texts = documents.iter().map(Document::full_text).collect();
     let (document_vectors, document_seconds, document_tokens) = embed(embedder, document_texts).await;
     let query_texts = queries.iter().map(|q| q.query.clone()).collect();
     let (query_vectors, query_seconds, query_tokens) = embed(embedder, query_texts).await;
@@ -163,18 +148,6 @@ async fn bench() {
     let text = serde_json::to_string_pretty(&results).expect("the results serialize");
     std::fs::write(&path, text + "\n").unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     println!("results written to {}", path.display());
-}
-
-fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Vec<T> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(n, line)| {
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("{}:{}: {e}", path.display(), n + 1))
-        })
-        .collect()
 }
 
 /// Embeds `texts` in one request; returns the vectors, the seconds taken and the tokens read.

@@ -105,7 +105,7 @@ impl Loader {
                 };
                 if cross {
                     let (service, _) = self.service(config, encoder, dir, CandleCrossEncoder::load).await?;
-                    return Ok(Served::Rerank(Reranker::CrossEncoder(service)));
+                    return Ok(Served::Rerank(Reranker::cross_encoder(service, encoder.cache_bytes)));
                 }
                 let embedder = Arc::new(self.embedder(config, encoder, dir).await?);
                 let limits = *embedder.limits();

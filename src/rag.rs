@@ -27,6 +27,9 @@ use crate::state::AppState;
 
 /// Chunks embedded per request to the embedder.
 const EMBED_BATCH: usize = 64;
+/// How long an ingest waits out a busy embedder (429s from its admission, as any client would
+/// get) before the file fails as `server_error`.
+const OVERLOAD_PATIENCE: Duration = Duration::from_secs(600);
 /// OpenAI's limits on `static` chunking.
 pub const MIN_CHUNK_TOKENS: usize = 100;
 pub const MAX_CHUNK_TOKENS: usize = 4096;
@@ -219,11 +222,12 @@ impl Rag {
         let truncation = Some(Truncation { truncate: true, side: TruncationSide::Right, max_tokens: None });
         for batch in spans.chunks(EMBED_BATCH) {
             let texts: Vec<String> = batch.iter().map(|s| text[s.start..s.end].to_string()).collect();
-            let vectors = embedder
-                .embed_with(EmbedInput::Texts(texts.clone()), None, truncation, Priority::Normal)
-                .await
-                .map_err(ApiError::from)?
-                .vectors;
+            let vectors = patiently(|| {
+                embedder.embed_with(EmbedInput::Texts(texts.clone()), None, truncation, Priority::Normal)
+            })
+            .await
+            .map_err(ApiError::from)?
+            .vectors;
             for (text, vector) in texts.into_iter().zip(vectors) {
                 chunks.push(NewChunk { position: chunks.len(), text, vector });
             }
@@ -334,5 +338,27 @@ impl Rag {
         }
         hits.sort_by(|a, b| b.score.total_cmp(&a.score));
         Ok(hits)
+    }
+}
+
+/// Runs `call` until the model admits it: background work (ingest) waits out an overloaded
+/// model, retrying after the wait the refusal names, for up to [`OVERLOAD_PATIENCE`], where an
+/// interactive request would get the 429. Any other answer is returned as it is.
+async fn patiently<T, F, Fut>(mut call: F) -> Result<T, hearth_engine::EngineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, hearth_engine::EngineError>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match call().await {
+            Err(hearth_engine::EngineError::Overloaded { reason, .. })
+                if started.elapsed() < OVERLOAD_PATIENCE =>
+            {
+                metrics::counter!("hearth_rag_ingest_overload_waits_total").increment(1);
+                tokio::time::sleep(reason.retry_after()).await;
+            }
+            other => return other,
+        }
     }
 }

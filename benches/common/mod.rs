@@ -5,6 +5,11 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
+#[allow(dead_code, reason = "only the benches that read retrieval-debian use it")]
+pub mod retrieval_debian;
+#[allow(dead_code, reason = "only the benches that drive the real binary use it")]
+pub mod server;
+
 /// Runs the bench on a fresh multi-threaded runtime, after pinning candle's CPU thread count as the
 /// `hearth` binary does (it must happen before any thread starts).
 #[allow(dead_code, reason = "the synchronous benches pin the threads themselves")]
@@ -48,10 +53,17 @@ pub fn round(value: f64, decimals: i32) -> f64 {
 /// The process's peak resident set (`VmHWM`), in MiB.
 #[allow(dead_code, reason = "not every bench reports memory this way")]
 pub fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status_mib("self", "VmHWM")
+}
+
+/// A memory figure of `/proc/{process}/status` (`VmRSS`, `VmHWM`, …; `process` a pid or `self`),
+/// in MiB; 0 when it cannot be read.
+#[allow(dead_code, reason = "not every bench reports memory")]
+pub fn status_mib(process: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -878,6 +878,7 @@ mod tests {
             }
         );
         assert_eq!(encoder.batch.max_batch_bytes, Some(64 << 20));
+        assert_eq!(encoder.batch.max_batch_tokens, Some(500), "unset, it is the model's device default");
         let rerank = parse(&format!("{RERANK}scoring = \"cross-encoder\"\nmax_batch_size = 5\n")).unwrap();
         let KindConfig::Rerank(RerankConfig::Load { scoring, encoder }) = &rerank.models[0].options else {
             panic!()

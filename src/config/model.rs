@@ -104,7 +104,6 @@ pub(crate) fn allowed_keys(kind: ModelKind) -> Vec<&'static str> {
     COMMON_KEYS.iter().chain(kind_keys.iter().flat_map(|keys| keys.iter())).copied().collect()
 }
 
-pub const DEFAULT_MAX_BATCH_TOKENS: usize = 16_384;
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
 
 /// Server-wide values entries fall back on.
@@ -717,8 +716,8 @@ fn parse_encoder(
         Some(mib) if mib.is_finite() && mib >= 0.0 => (mib * 1_048_576.0) as usize,
         Some(_) => return Err(invalid(field("cache_mib"), "must be 0 (off) or a positive number of MiB")),
     };
-    if cache_bytes > 0 && kind != ModelKind::Embedding {
-        return Err(invalid(field("cache_mib"), "applies only to `embedding` models"));
+    if cache_bytes > 0 && !matches!(kind, ModelKind::Embedding | ModelKind::Rerank) {
+        return Err(invalid(field("cache_mib"), "applies only to `embedding` and `rerank` models"));
     }
     let encoder_config = EncoderConfig {
         backend: encoder.backend.unwrap_or_default(),
@@ -732,11 +731,10 @@ fn parse_encoder(
         normalize: encoder.normalize,
         text,
         batch: BatchLimits {
-            max_batch_tokens: positive(
-                &field("max_batch_tokens"),
-                encoder.max_batch_tokens,
-                DEFAULT_MAX_BATCH_TOKENS,
-            )?,
+            max_batch_tokens: match encoder.max_batch_tokens {
+                None => None,
+                Some(n) => Some(positive(&field("max_batch_tokens"), Some(n), 1)?),
+            },
             max_batch_size: positive(
                 &field("max_batch_size"),
                 encoder.max_batch_size,

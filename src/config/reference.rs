@@ -208,7 +208,7 @@ pub const MODEL_ENCODER: Section = Section {
         key(
             "cache_mib",
             "`0` (off)",
-            "Embedding models: an in-process cache of embeddings by exact token sequence, least recently used evicted, bounded to this many MiB; a request whose inputs are all cached skips the queue. `hearth_cache_hits_total`, `hearth_cache_misses_total`, `hearth_cache_bytes` in `/metrics`.",
+            "An in-process cache of a model's outputs by exact token sequence, least recently used evicted, bounded to this many MiB: embeddings for an embedding model, relevance logits by (query, document) pair for a cross-encoder reranker (a bi-encoder reranker reads its embedding model's cache). A request whose inputs are all cached skips the queue; a partly cached one runs only its misses. `hearth_cache_hits_total`, `hearth_cache_misses_total`, `hearth_cache_bytes` in `/metrics`.",
         ),
         key("architecture", "from the weights", "`bert` or `xlm-roberta`; if set, must match `config.json`."),
         key("pooling", "the sentence-transformers config", "`mean`, `cls` or `last-token`."),
@@ -219,7 +219,7 @@ pub const MODEL_ENCODER: Section = Section {
             "Tokens per input; never more than the positions allow.",
         ),
         key("truncate", "`false` (embedding), `true` (rerank)", "Cut long inputs instead of answering 400."),
-        key("max_batch_tokens", "`16384`", "Padded tokens (`sequences × longest`) per forward pass."),
+        key("max_batch_tokens", "`512` on CPU, `16384` on GPU", "Padded tokens (`sequences × longest`) per forward pass (a longer single input still runs, alone). On a CPU, passes of a few hundred tokens are the fastest per token (benches/README.md)."),
         key("max_batch_size", "`64`", "Sequences per forward pass."),
         key(
             "max_batch_memory_mib",

@@ -47,7 +47,7 @@ async fn fragile(state: &AppState) -> Served {
         Arc::new(TextTokenizer::from_file(&fixture("tiny-bert-embed").join("tokenizer.json")).unwrap());
     let config = WorkerConfig {
         model: "tiny-embed".into(),
-        batch: BatchLimits { max_batch_tokens: 1000, max_batch_size: 8, max_batch_bytes: None },
+        batch: BatchLimits { max_batch_tokens: Some(1000), max_batch_size: 8, max_batch_bytes: None },
         queue_depth: 8,
         max_queue_wait: None,
     };

@@ -243,3 +243,48 @@ async fn stores_survive_a_restart_of_the_app() {
     let search = app.post(&format!("/v1/vector_stores/{store}/search"), json!({"query": "zebra"})).await;
     assert_eq!(search.body["data"][0]["file_id"], file.as_str(), "{}", search.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = rag_app(dir.path(), "").await;
+    let toml = tiny_config(&format!(
+        "[rag]\ndata_dir = \"{}\"\nembedding_model = \"tiny-embed\"\n",
+        dir.path().display()
+    ));
+    let config = hearth::config::Config::parse(&toml, None, &hearth::config::Overrides::default()).unwrap();
+    let Err(error) = hearth::state::AppState::new(config) else {
+        panic!("a second server opened a data directory in use")
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("is in use by process") && message.contains("data_dir"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_waits_out_a_busy_embedder_instead_of_failing_files() {
+    // An embedder that admits one request at a time, eight files ingesting at once: most of
+    // their embedding calls are refused as overloaded (a client would get a 429); the ingest
+    // must wait and retry, and every file complete.
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(&tiny_config(&format!(
+        "\n[[models]]\nid = \"tiny-narrow\"\nkind = \"embedding\"\nsource = \"tiny-bert-embed\"\ndevice = \"cpu\"\n\
+         max_concurrent_requests = 1\n\
+         [rag]\ndata_dir = \"{}\"\nembedding_model = \"tiny-narrow\"\ningest_concurrency = 8\n",
+        dir.path().display()
+    )))
+    .await;
+    let mut files = Vec::new();
+    for i in 0..16 {
+        let text = format!("note {i}: {}", "the quick brown fox jumps over the lazy dog ".repeat(40));
+        files.push(upload(&app, &format!("note-{i}.txt"), text.as_bytes()).await);
+    }
+    let store = app.post("/v1/vector_stores", json!({"file_ids": files})).await;
+    assert_eq!(store.status, StatusCode::OK, "{}", store.text);
+    let store = store.body["id"].as_str().unwrap().to_string();
+    for file in &files {
+        let record = settled(&app, &store, file).await;
+        assert_eq!(record["status"], "completed", "{record}");
+    }
+    let counts = app.get(&format!("/v1/vector_stores/{store}")).await.body["file_counts"].clone();
+    assert_eq!((counts["completed"].as_u64(), counts["failed"].as_u64()), (Some(16), Some(0)), "{counts}");
+}

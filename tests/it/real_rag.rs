@@ -8,34 +8,18 @@
 //! 0.930, MRR@10 0.854) and for dense MiniLM (0.966, 0.883).
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use hearth_engine::embed::{Embed, EmbedInput};
 use hearth_engine::registry::Served;
 use hearth_engine::{ModelKind, Priority};
 use hearth_rag::fusion::Fusion;
 use hearth_rag::{ChunkingStrategy, Library, LibraryOptions, Metric, NewChunk, SearchRequest};
-use serde::Deserialize;
 use serde_json::Map;
 
 use crate::support::{app, models_root};
 
-#[derive(Deserialize)]
-struct Document {
-    id: String,
-    title: String,
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct Query {
-    query: String,
-    relevant: Vec<String>,
-}
-
-fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
+#[path = "../../benches/common/retrieval_debian.rs"]
+mod retrieval_debian;
 
 #[derive(Default, Debug)]
 struct Scores {
@@ -45,9 +29,8 @@ struct Scores {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_retrieval_beats_bm25_and_dense_alone_on_retrieval_debian() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/data/retrieval-debian");
-    let documents: Vec<Document> = read(&data.join("corpus.jsonl"));
-    let queries: Vec<Query> = read(&data.join("queries.jsonl"));
+    let documents = retrieval_debian::documents();
+    let queries = retrieval_debian::queries();
     let onnxruntime = std::env::var_os("ORT_DYLIB_PATH")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(hearth::config::default_onnxruntime_library);
@@ -73,7 +56,7 @@ async fn hybrid_retrieval_beats_bm25_and_dense_alone_on_retrieval_debian() {
         }
         vectors
     };
-    let texts: Vec<String> = documents.iter().map(|d| format!("{}\n{}", d.title, d.text)).collect();
+    let texts: Vec<String> = documents.iter().map(retrieval_debian::Document::full_text).collect();
     let started = std::time::Instant::now();
     let vectors = embed(texts.clone()).await;
     println!("embedded {} documents in {:.1} s", texts.len(), started.elapsed().as_secs_f64());

@@ -227,3 +227,53 @@ async fn requests_choose_how_documents_are_cut() {
     assert_eq!(both.status, StatusCode::BAD_REQUEST);
     assert_eq!(both.body["error"]["param"], "truncate_prompt_tokens");
 }
+
+/// The scores of `documents` for `query` by index, from a `/v1/rerank` answer.
+async fn scores(app: &crate::support::App, model: &str, query: &str, documents: &[&str]) -> Vec<f64> {
+    let reply = app.post("/v1/rerank", json!({"model": model, "query": query, "documents": documents})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let mut by_index = vec![f64::NAN; documents.len()];
+    for result in reply.body["results"].as_array().unwrap() {
+        by_index[result["index"].as_u64().unwrap() as usize] = result["relevance_score"].as_f64().unwrap();
+    }
+    by_index
+}
+
+#[tokio::test]
+async fn a_cross_encoder_with_a_cache_runs_only_pairs_it_has_not_scored() {
+    use hearth_engine::registry::{LoadState, Served};
+    let app = crate::support::app(&crate::support::tiny_config(
+        "\n[[models]]\nid = \"tiny-rerank-cached\"\nkind = \"rerank\"\nsource = \"tiny-bert-reranker\"\ndevice = \"cpu\"\ncache_mib = 1\n",
+    ))
+    .await;
+    let LoadState::Ready(served) = app.state.registry.get("tiny-rerank-cached").unwrap().state() else {
+        panic!("the cached reranker did not load")
+    };
+    let Served::Rerank(reranker) = &*served else { panic!("not a reranker") };
+    let cache = reranker.cache().expect("cache_mib gives the cross-encoder a cache");
+    let (query, documents) =
+        ("where do pears grow", ["pears grow on trees", "the sky is blue", "rust is a language"]);
+
+    let first = scores(&app, "tiny-rerank-cached", query, &documents).await;
+    assert_eq!(cache.len(), 3, "one entry per (query, document) pair");
+    let uncached = scores(&app, "tiny-rerank-bert", query, &documents).await;
+    for (cached, plain) in first.iter().zip(&uncached) {
+        assert!((cached - plain).abs() < 1e-6, "the cache changes no score: {first:?} vs {uncached:?}");
+    }
+    // Asked again: every pair from the cache, the same bytes.
+    assert_eq!(scores(&app, "tiny-rerank-cached", query, &documents).await, first);
+    assert_eq!(cache.len(), 3);
+    // One pair seen, one new: only the new one is stored (and so computed).
+    let mixed = scores(&app, "tiny-rerank-cached", query, &[documents[1], "pears like cool winters"]).await;
+    assert_eq!(mixed[0], first[1], "a cached pair answers with its stored score");
+    assert_eq!(cache.len(), 4);
+    // The same document under another query is another pair.
+    scores(&app, "tiny-rerank-cached", "what colour is the sky", &[documents[1]]).await;
+    assert_eq!(cache.len(), 5);
+    // Entries without a cache: none kept.
+    let LoadState::Ready(plain) = app.state.registry.get("tiny-rerank-bert").unwrap().state() else {
+        panic!()
+    };
+    let Served::Rerank(plain) = &*plain else { panic!() };
+    assert!(plain.cache().is_none(), "no cache unless cache_mib is set");
+}

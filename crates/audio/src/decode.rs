@@ -54,6 +54,20 @@ impl Decoded {
 /// Decodes an upload to mono samples at its own rate. Empty, unknown, corrupt, truncated, silent
 /// and over-long input each get their own [`AudioError`].
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, AudioError> {
+    // The demuxers and codecs parse untrusted bytes in third-party code; a panic there (the fuzz
+    // test found an arithmetic overflow on a WAV header claiming 32,769 channels, in
+    // symphonia-format-riff) is a corrupt file to the caller, never a crash of the request.
+    std::panic::catch_unwind(|| decode_unguarded(bytes, limits)).unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(AudioError::Corrupt(format!("the decoder failed on this input: {detail}")))
+    })
+}
+
+fn decode_unguarded(bytes: &[u8], limits: &DecodeLimits) -> Result<Decoded, AudioError> {
     if bytes.is_empty() {
         return Err(AudioError::Empty);
     }

@@ -130,6 +130,23 @@ fn every_error_message_names_the_problem() {
     assert!(long.to_string().contains("3.0 s") && long.to_string().contains("2.0 s"), "{long}");
 }
 
+#[test]
+fn a_header_that_makes_the_demuxer_panic_is_a_corrupt_file() {
+    // Found by `damaged_wav_never_panics` (kept in audio.proptest-regressions): a channel count of
+    // 0x8001 overflows symphonia's block-align arithmetic (a panic in a debug build).
+    let mut bytes = wav(8_000, 1, 16, 1, &tone(8_000, 0.2));
+    bytes[23] = 128;
+    bytes.truncate(36);
+    let error = decode(&bytes, &DecodeLimits::default()).expect_err("no audio in 36 bytes");
+    assert!(
+        matches!(
+            error,
+            AudioError::Corrupt(_) | AudioError::Truncated { .. } | AudioError::TooManyChannels(_)
+        ),
+        "{error:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

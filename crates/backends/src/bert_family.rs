@@ -9,7 +9,9 @@ use hearth_engine::vector::normalize;
 use hearth_engine::{BoxError, Pooling};
 
 use crate::bert::{first_token, mean_pool, select_tokens, BertEncoder, Dense, EncoderConfig, PaddedBatch};
-use crate::device::{default_activation_budget, resolved_device, select_device, select_dtype};
+use crate::device::{
+    default_activation_budget, default_batch_tokens, resolved_device, select_device, select_dtype,
+};
 use crate::error::BackendError;
 use crate::model_dir::{Architecture, Head, ModelDir, Weights};
 
@@ -185,6 +187,10 @@ impl EncoderModel for CandleEmbedder {
     fn default_memory_budget(&self) -> usize {
         default_activation_budget(self.encoder.device())
     }
+
+    fn default_batch_tokens(&self) -> usize {
+        default_batch_tokens(self.encoder.device())
+    }
 }
 
 /// `*ForSequenceClassification` head: first token → dense → tanh → output projection. BERT names
@@ -259,5 +265,9 @@ impl EncoderModel for CandleCrossEncoder {
 
     fn default_memory_budget(&self) -> usize {
         default_activation_budget(self.encoder.device())
+    }
+
+    fn default_batch_tokens(&self) -> usize {
+        default_batch_tokens(self.encoder.device())
     }
 }

@@ -172,4 +172,8 @@ impl EncoderModel for OnnxEmbedder {
     fn default_memory_budget(&self) -> usize {
         1 << 30
     }
+
+    fn default_batch_tokens(&self) -> usize {
+        crate::device::CPU_BATCH_TOKENS
+    }
 }

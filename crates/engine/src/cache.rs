@@ -3,9 +3,11 @@
 //! model; a hit never reaches the queue. Hit, miss and byte counts go to the metrics.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::encoder::Sequence;
+use crate::error::EngineError;
 
 /// Bytes an entry is charged besides its key and value: the maps' nodes and the `Arc`.
 const ENTRY_OVERHEAD: usize = 96;
@@ -105,6 +107,55 @@ impl ResultCache {
         drop(state);
         metrics::gauge!("hearth_cache_bytes", "model" => self.model.to_string()).set(used as f64);
         answers
+    }
+
+    /// Each sequence's output: from the cache where it holds one, the misses through `run` (one
+    /// call, in order; not called when everything hits), which are then stored. The answers are
+    /// in the order of `sequences`.
+    pub async fn through<F, Fut>(
+        &self,
+        sequences: Vec<Sequence>,
+        run: F,
+    ) -> Result<Vec<Arc<[f32]>>, EngineError>
+    where
+        F: FnOnce(Vec<Sequence>) -> Fut,
+        Fut: Future<Output = Result<Vec<Arc<[f32]>>, EngineError>>,
+    {
+        let found = self.get_all(&sequences);
+        let misses: Vec<Sequence> =
+            sequences.into_iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(s, _)| s).collect();
+        let mut computed = if misses.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            let outputs = run(misses.clone()).await?;
+            if outputs.len() != misses.len() {
+                return Err(EngineError::Internal {
+                    message: format!(
+                        "the model returned {} outputs for {} sequences",
+                        outputs.len(),
+                        misses.len()
+                    ),
+                });
+            }
+            self.insert_all(misses.into_iter().zip(outputs)).into_iter()
+        };
+        found
+            .into_iter()
+            .map(|hit| {
+                hit.or_else(|| computed.next()).ok_or_else(|| EngineError::Internal {
+                    message: "the model returned fewer outputs than sequences".into(),
+                })
+            })
+            .collect()
+    }
+
+    /// Outputs held now.
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Bytes held now.

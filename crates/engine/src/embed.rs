@@ -206,24 +206,13 @@ impl Embedder {
         let Some(cache) = &self.cache else {
             return self.service.worker.encode(sequences, priority).await;
         };
-        let found = cache.get_all(&sequences);
-        let misses: Vec<Sequence> =
-            sequences.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(s, _)| s.clone()).collect();
-        let mut computed = if misses.is_empty() {
-            Vec::new().into_iter()
-        } else {
-            let vectors = self.service.worker.encode(misses.clone(), priority).await?;
-            let shared = vectors.into_iter().map(Arc::<[f32]>::from);
-            cache.insert_all(misses.into_iter().zip(shared)).into_iter()
-        };
-        found
-            .into_iter()
-            .map(|hit| {
-                hit.or_else(|| computed.next()).map(|v| v.to_vec()).ok_or_else(|| EngineError::Internal {
-                    message: "the model returned fewer vectors than sequences".into(),
-                })
+        let worker = &self.service.worker;
+        let vectors = cache
+            .through(sequences, |misses| async move {
+                Ok(worker.encode(misses, priority).await?.into_iter().map(Arc::<[f32]>::from).collect())
             })
-            .collect()
+            .await?;
+        Ok(vectors.iter().map(|v| v.to_vec()).collect())
     }
 
     pub fn info(&self) -> &EmbeddingInfo {

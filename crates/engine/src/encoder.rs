@@ -86,13 +86,21 @@ pub trait EncoderModel: 'static {
     /// The activation memory one forward pass may use when the config sets no budget: what the
     /// model's device can spare.
     fn default_memory_budget(&self) -> usize;
+
+    /// Padded tokens per forward pass when the config sets none. Measured on CPU (benches/README.md,
+    /// "Batch size on a CPU"): passes of a few hundred tokens run fastest per token, while on a GPU
+    /// larger batches pay; this default suits a GPU.
+    fn default_batch_tokens(&self) -> usize {
+        16_384
+    }
 }
 
 /// How large one forward pass may grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Upper bound on `sequences × longest sequence` (padded tokens).
-    pub max_batch_tokens: usize,
+    /// Upper bound on `sequences × longest sequence` (padded tokens); `None`: the model's device
+    /// default ([`EncoderModel::default_batch_tokens`]).
+    pub max_batch_tokens: Option<usize>,
     /// Upper bound on sequences per forward pass.
     pub max_batch_size: usize,
     /// Upper bound on the model's estimate of a batch's peak activation memory, in bytes; `None`:
@@ -296,6 +304,7 @@ struct Worker<M: EncoderModel> {
     model: M,
     config: WorkerConfig,
     max_batch_bytes: usize,
+    max_batch_tokens: usize,
     queue: Arc<JobQueue<Job<M::Output>>>,
     life: Arc<Lifecycle>,
     pending: VecDeque<InFlight<M::Output>>,
@@ -313,7 +322,19 @@ impl<M: EncoderModel> Worker<M> {
     ) -> Self {
         let metrics = WorkerMetrics::new(&config.model);
         let max_batch_bytes = config.batch.max_batch_bytes.unwrap_or_else(|| model.default_memory_budget());
-        Self { model, config, max_batch_bytes, queue, life, pending: VecDeque::new(), metrics, backlog }
+        let max_batch_tokens = config.batch.max_batch_tokens.unwrap_or_else(|| model.default_batch_tokens());
+        tracing::debug!(model = %config.model, max_batch_tokens, max_batch_bytes, "encoder batch limits");
+        Self {
+            model,
+            config,
+            max_batch_bytes,
+            max_batch_tokens,
+            queue,
+            life,
+            pending: VecDeque::new(),
+            metrics,
+            backlog,
+        }
     }
 
     fn run(mut self) {
@@ -327,7 +348,7 @@ impl<M: EncoderModel> Worker<M> {
             let model = &self.model;
             let bytes = |n, longest| model.activation_bytes(n, longest);
             let budget = Budget {
-                max_tokens: self.config.batch.max_batch_tokens,
+                max_tokens: self.max_batch_tokens,
                 max_size: self.config.batch.max_batch_size,
                 max_bytes: self.max_batch_bytes,
                 bytes: &bytes,

@@ -95,7 +95,7 @@ impl Served {
                 let worker = &e.service().worker;
                 stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))
             }
-            Self::Rerank(Reranker::CrossEncoder(service)) => {
+            Self::Rerank(Reranker::CrossEncoder { service, .. }) => {
                 let worker = &service.worker;
                 stop(&|d| worker.begin_shutdown(d), &|d| worker.shutdown(d))
             }

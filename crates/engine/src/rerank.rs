@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::admission::Admission;
+use crate::cache::ResultCache;
 use crate::embed::{Embedder, EncoderService, TextLimits, Truncation};
 use crate::encoder::Sequence;
 use crate::error::{EngineError, Subject};
@@ -59,27 +60,39 @@ pub trait Rerank: Send + Sync {
 }
 
 pub enum Reranker {
-    CrossEncoder(EncoderService<f32>),
+    /// A cross-encoder; `cache` holds its logits by pair token sequence (`cache_mib`), so a
+    /// document reranked again for the same query skips the model.
+    CrossEncoder { service: EncoderService<f32>, cache: Option<Box<ResultCache>> },
     /// An embedding model compared by cosine, under the rerank entry's own limits and admission.
     /// The embedder (tokenizer, queue, owner thread) may be shared with an embedding entry.
-    BiEncoder {
-        embedder: Arc<Embedder>,
-        limits: TextLimits,
-        admission: Admission,
-    },
+    BiEncoder { embedder: Arc<Embedder>, limits: TextLimits, admission: Admission },
 }
 
 impl Reranker {
+    /// A cross-encoder with a pair-score cache of `cache_bytes` (0: none).
+    pub fn cross_encoder(service: EncoderService<f32>, cache_bytes: usize) -> Self {
+        let cache = ResultCache::new(Arc::clone(service.worker.model()), cache_bytes).map(Box::new);
+        Self::CrossEncoder { service, cache }
+    }
+
+    /// The result cache this reranker reads: its own pair-score cache, or the embedder's.
+    pub fn cache(&self) -> Option<&ResultCache> {
+        match self {
+            Self::CrossEncoder { cache, .. } => cache.as_deref(),
+            Self::BiEncoder { embedder, .. } => embedder.cache(),
+        }
+    }
+
     pub fn scoring(&self) -> Scoring {
         match self {
-            Self::CrossEncoder(_) => Scoring::CrossEncoder,
+            Self::CrossEncoder { .. } => Scoring::CrossEncoder,
             Self::BiEncoder { .. } => Scoring::BiEncoder,
         }
     }
 
     pub fn limits(&self) -> &TextLimits {
         match self {
-            Self::CrossEncoder(service) => &service.limits,
+            Self::CrossEncoder { service, .. } => &service.limits,
             Self::BiEncoder { limits, .. } => limits,
         }
     }
@@ -87,7 +100,7 @@ impl Reranker {
     /// Requests admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
         match self {
-            Self::CrossEncoder(service) => service.admission.in_flight(),
+            Self::CrossEncoder { service, .. } => service.admission.in_flight(),
             Self::BiEncoder { admission, .. } => admission.in_flight(),
         }
     }
@@ -95,7 +108,7 @@ impl Reranker {
     /// True while the owner thread doing the work lives.
     pub fn is_alive(&self) -> bool {
         match self {
-            Self::CrossEncoder(service) => service.worker.is_alive(),
+            Self::CrossEncoder { service, .. } => service.worker.is_alive(),
             Self::BiEncoder { embedder, .. } => embedder.service().worker.is_alive(),
         }
     }
@@ -103,7 +116,7 @@ impl Reranker {
     /// Resolves once the owner thread doing the work has died.
     pub async fn failed(&self) {
         match self {
-            Self::CrossEncoder(service) => service.worker.failed().await,
+            Self::CrossEncoder { service, .. } => service.worker.failed().await,
             Self::BiEncoder { embedder, .. } => embedder.service().worker.failed().await,
         }
     }
@@ -116,9 +129,9 @@ impl Reranker {
         priority: Priority,
     ) -> Result<RerankScores, EngineError> {
         match self {
-            Self::CrossEncoder(service) => {
+            Self::CrossEncoder { service, cache } => {
                 let limits = service.limits.with_truncation(truncation);
-                cross_encoder_scores(service, limits, query, documents, priority).await
+                cross_encoder_scores(service, cache.as_deref(), limits, query, documents, priority).await
             }
             Self::BiEncoder { embedder, limits, admission } => {
                 let _permit = admission.try_admit()?;
@@ -144,6 +157,7 @@ impl Rerank for Reranker {
 
 async fn cross_encoder_scores(
     service: &EncoderService<f32>,
+    cache: Option<&ResultCache>,
     limits: TextLimits,
     query: String,
     documents: Vec<String>,
@@ -173,7 +187,19 @@ async fn cross_encoder_scores(
         })
         .await??;
     let n_tokens = pairs.iter().map(Sequence::len).sum();
-    let logits = service.worker.encode(pairs, priority).await?;
+    let logits = match cache {
+        None => service.worker.encode(pairs, priority).await?,
+        Some(cache) => {
+            let worker = &service.worker;
+            let cached = cache
+                .through(pairs, |misses| async move {
+                    let logits = worker.encode(misses, priority).await?;
+                    Ok(logits.into_iter().map(|logit| Arc::<[f32]>::from([logit])).collect())
+                })
+                .await?;
+            cached.iter().map(|logit| logit[0]).collect()
+        }
+    };
     Ok(RerankScores { scores: logits.into_iter().map(sigmoid).collect(), n_tokens })
 }
 

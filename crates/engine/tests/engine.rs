@@ -47,7 +47,7 @@ impl Finite for Out {
 
 /// Test double: outputs each sequence's first id × 10; fails on id 666; panics on id 999; answers
 /// NaN for id 404; kills its owner thread on id 777 (see [`Out`]). Memory: one byte per padded
-/// token.
+/// token. Its device default is 12 padded tokens per batch.
 struct RecordingModel {
     log: Arc<Log>,
 }
@@ -61,6 +61,10 @@ impl EncoderModel for RecordingModel {
 
     fn default_memory_budget(&self) -> usize {
         usize::MAX
+    }
+
+    fn default_batch_tokens(&self) -> usize {
+        12
     }
 
     fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Out>, BoxError> {
@@ -96,7 +100,7 @@ fn seq(first: u32, len: usize) -> Sequence {
 }
 
 const ROOMY: BatchLimits =
-    BatchLimits { max_batch_tokens: 10_000, max_batch_size: 64, max_batch_bytes: None };
+    BatchLimits { max_batch_tokens: Some(10_000), max_batch_size: 64, max_batch_bytes: None };
 
 fn outs(values: &[u32]) -> Vec<Out> {
     values.iter().map(|&v| Out(v as f32)).collect()
@@ -129,7 +133,7 @@ async fn until_queued(handle: &EncoderHandle<Out>, n: usize) {
 }
 
 fn limits(max_batch_tokens: usize, max_batch_size: usize, max_batch_bytes: Option<usize>) -> BatchLimits {
-    BatchLimits { max_batch_tokens, max_batch_size, max_batch_bytes }
+    BatchLimits { max_batch_tokens: Some(max_batch_tokens), max_batch_size, max_batch_bytes }
 }
 
 /// Spawns `encode` of one sequence per `(first id, length)` and returns the task.
@@ -163,6 +167,14 @@ async fn token_budget_and_batch_size_split_a_large_request() {
     let (handle, log) = start(limits(10_000, 3, None), 8, true).await;
     encode(&handle, (1..=5).map(|i| seq(i, 4)).collect(), Priority::Normal).await;
     assert_eq!(log.batches(), [vec![1, 2, 3], vec![4, 5]]);
+}
+
+#[tokio::test]
+async fn without_a_configured_token_budget_the_models_default_applies() {
+    let unset = BatchLimits { max_batch_tokens: None, max_batch_size: 64, max_batch_bytes: None };
+    let (handle, log) = start(unset, 8, true).await;
+    encode(&handle, (1..=5).map(|i| seq(i, 4)).collect(), Priority::Normal).await;
+    assert_eq!(log.batches(), [vec![1, 2, 3], vec![4, 5]], "12 padded tokens hold three rows of 4");
 }
 
 #[tokio::test]

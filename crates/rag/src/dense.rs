@@ -2,6 +2,12 @@
 //! key, with exact (brute force) search while the store is small. Saved to `dense.usearch` with a
 //! `dense.json` beside it naming the last chunk sequence number and removal it holds, so a store
 //! reopened after a crash replays only what SQLite has beyond that.
+//!
+//! Why usearch (`cargo bench --bench ann`, benches/README.md): beside hnsw_rs with the same graph
+//! settings, at 100,000 vectors it builds 3.1x faster and searches 1.9-2.5x faster at the same
+//! recall, with less memory and disk, and it removes keys from the graph (hnsw_rs cannot). At
+//! 1,000,000 vectors and the store's search width its recall@10 is 0.998, at 117x the queries/s of
+//! brute force.
 
 use std::path::{Path, PathBuf};
 

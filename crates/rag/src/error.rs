@@ -28,6 +28,9 @@ pub enum RagError {
     Dense { store: String, message: String },
     #[error("the store is shutting down")]
     Closed,
+    /// Another `Library` (another Hearth process, most likely) has the data directory open.
+    #[error("{} is in use by {holder}; two servers cannot share a data directory (set another `[rag] data_dir`)", dir.display())]
+    Locked { dir: PathBuf, holder: String },
 }
 
 impl RagError {

@@ -116,6 +116,9 @@ struct StoreIndex {
 }
 
 pub struct Library {
+    /// `lock` in the directory, held with an exclusive lock for the library's life: a second
+    /// process (or a second open in this one) is refused instead of writing beside it.
+    _lock: std::fs::File,
     dir: PathBuf,
     options: LibraryOptions,
     write: Mutex<Connection>,
@@ -228,6 +231,41 @@ fn page<T>(
     Ok(Page { items, has_more })
 }
 
+/// An exclusive advisory lock on `dir/lock` (released by the kernel when the holder exits,
+/// however it exits), with the holder's pid written in it for the message a second opener gets.
+fn take_lock(dir: &Path) -> Result<std::fs::File, RagError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| RagError::at(&path, "open", e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(RagError::Locked {
+                dir: dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "another process".into()
+                } else {
+                    format!("process {holder}")
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(RagError::at(&path, "lock", e)),
+    }
+    let written =
+        file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+    written.map_err(|e| RagError::at(&path, "write", e))?;
+    Ok(file)
+}
+
 impl Library {
     /// Opens (or creates) the library in `dir`, bringing every store's indexes up to SQLite's
     /// record, and removes what a crash left half-made (files without rows, deleted stores'
@@ -236,10 +274,12 @@ impl Library {
         for sub in ["files", "stores"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| RagError::at(&dir.join(sub), "create", e))?;
         }
+        let dir_lock = take_lock(dir)?;
         let database = dir.join("hearth.sqlite");
         let write = sql::open(&database)?;
         let read = sql::open(&database)?;
         let library = Self {
+            _lock: dir_lock,
             dir: dir.to_path_buf(),
             options,
             write: Mutex::new(write),

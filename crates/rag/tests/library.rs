@@ -110,6 +110,21 @@ fn stores_search_and_survive_a_reopen() {
 }
 
 #[test]
+fn a_data_directory_has_one_library_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Library::open(dir.path(), LibraryOptions::default()).unwrap();
+    let Err(second) = Library::open(dir.path(), LibraryOptions::default()) else {
+        panic!("a second library opened the same directory")
+    };
+    let message = second.to_string();
+    assert!(matches!(second, hearth_rag::RagError::Locked { .. }), "{second:?}");
+    let pid = std::process::id().to_string();
+    assert!(message.contains("is in use by process") && message.contains(&pid), "{message}");
+    drop(first);
+    Library::open(dir.path(), LibraryOptions::default()).expect("the directory is free once closed");
+}
+
+#[test]
 fn filters_restrict_both_rankings() {
     let dir = tempfile::tempdir().unwrap();
     let library = Library::open(dir.path(), LibraryOptions::default()).unwrap();
