@@ -1,7 +1,10 @@
-//! `cargo bench --bench stt`: speech to text on the real Whisper base CTranslate2 folder, through
-//! Hearth's real path (config, loader, `Transcriber`: decoding and log-mel on the preprocessing
-//! pool, the model on its owner thread), on the CPU, beside faster-whisper on the same folder and
-//! clips in the same run (`benches/peers/stt_faster_whisper.py`, float32 and int8):
+//! `cargo bench --bench stt`: speech to text on the real Whisper base weights, through Hearth's
+//! real path (config, loader, `Transcriber`: decoding and log-mel on the preprocessing pool, the
+//! model on its owner thread), on the CPU, for each backend: candle on the CTranslate2 folder and,
+//! built with `--features whisper-cpp`, whisper.cpp on the ggml files written from it (float16 and
+//! Q8_0; scripts/setup) — each in its own process, so that peak RSS is its own — beside
+//! faster-whisper on the same folder and clips in the same run
+//! (`benches/peers/stt_faster_whisper.py`, float32 and int8):
 //!
 //! 1. speed as a multiple of real time over Debian's five LibriVox clips, one after another, and
 //!    their WER;
@@ -65,23 +68,127 @@ fn clips() -> Vec<Clip> {
     clips
 }
 
+/// One way Hearth runs Whisper base: (name, `[[models]]` keys after `id`).
+const BACKENDS: &[(&str, &str)] = &[
+    ("candle", "preset = \"whisper-base\"\nsource = \"whisper-base-ct2\"\ndevice = \"cpu\"\n"),
+    (
+        "whisper-cpp f16",
+        "kind = \"stt\"\nsource = \"whisper-base-ggml\"\nfile = \"ggml-base.bin\"\ncpu_threads = 2\n",
+    ),
+    (
+        "whisper-cpp q8_0",
+        "kind = \"stt\"\nsource = \"whisper-base-ggml\"\nfile = \"ggml-base-q8_0.bin\"\ncpu_threads = 2\n",
+    ),
+];
+
+/// Set in the child process that measures one backend.
+const ONE_BACKEND: &str = "HEARTH_BENCH_STT_BACKEND";
+
 async fn bench() {
     let models_dir =
         std::env::var_os("HEARTH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(default_models_dir);
     let folder = models_dir.join(MODEL);
     assert!(folder.join("model.bin").is_file(), "{} is missing: run scripts/fetch-models", folder.display());
-    let state = load(&models_dir).await;
-    let transcriber = transcriber(&state);
     let clips = clips();
     assert_eq!(clips.len(), 5);
+    if let Ok(name) = std::env::var(ONE_BACKEND) {
+        let (_, keys) = BACKENDS.iter().find(|(n, _)| *n == name).expect("a known backend");
+        let report = measure(&models_dir, keys, &clips).await;
+        println!("RESULT {report}");
+        return;
+    }
     let audio: f64 = clips.iter().map(|c| c.seconds).sum();
+    let words: usize = clips.iter().map(|c| normalized_words(&c.reference).len()).sum();
+    let mut hearth = Vec::new();
+    for (name, _) in BACKENDS {
+        if name.starts_with("whisper-cpp") && !cfg!(feature = "whisper-cpp") {
+            println!("{name}: skipped (build the bench with --features whisper-cpp)");
+            continue;
+        }
+        println!("Hearth, {name}, CPU");
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(ONE_BACKEND, name)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("the bench runs itself");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        print!(
+            "{}",
+            stdout
+                .lines()
+                .filter(|l| !l.starts_with("RESULT "))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        );
+        let report: Value = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .and_then(|json| serde_json::from_str(json).ok())
+            .unwrap_or_else(|| panic!("{name}: the measuring process failed ({})", output.status));
+        hearth.push((name.to_string(), report));
+    }
+    let peers: Vec<Value> = ["float32", "int8"]
+        .iter()
+        .filter_map(|compute| match run_peer(&folder, compute) {
+            Ok(report) => {
+                println!("faster-whisper {compute}: {report}");
+                Some(report)
+            }
+            Err(reason) => {
+                println!("peer {compute} skipped: {reason}");
+                None
+            }
+        })
+        .collect();
+    let backends: Vec<Value> = hearth
+        .iter()
+        .map(|(name, report)| {
+            let over: serde_json::Map<String, Value> = peers
+                .iter()
+                .map(|peer| {
+                    let ratio = |key: &str| {
+                        let (ours, theirs) = (report[key].as_f64()?, peer[key].as_f64()?);
+                        Some(round(ours / theirs, 3))
+                    };
+                    let ratios = json!({
+                        "speed": ratio("speed_x_realtime"),
+                        "latency_5s": ratio("latency_5s_s"),
+                        "concurrent4": ratio("concurrent4_x_realtime"),
+                        "peak_rss": ratio("peak_rss_mib"),
+                    });
+                    println!("{name} / faster-whisper {}: {ratios}", peer["compute_type"]);
+                    (peer["compute_type"].as_str().unwrap_or("?").to_string(), ratios)
+                })
+                .collect();
+            let mut entry = report.clone();
+            entry["backend"] = json!(name);
+            entry["over_faster_whisper"] = Value::Object(over);
+            entry
+        })
+        .collect();
+    let results = json!({
+        "machine": machine(),
+        "model": "Whisper base: whisper-base-ct2 (CTranslate2, float16 tensors; candle computes in f32), whisper-base-ggml (written from it by scripts/convert-whisper-ggml)",
+        "clips": format!("{LIBRIVOX} (5 clips, {audio:.2} s, {words} words)"),
+        "hearth": backends,
+        "peers": peers,
+        "notes": "speed and concurrency: audio seconds per wall second (higher is better); latency and RSS: lower is better. Greedy decoding, English, 2 threads on every side; each backend and peer in its own process.",
+    });
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/stt.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
+    println!("wrote {}", path.display());
+}
 
-    println!("Hearth, {MODEL}, CPU");
+/// Speed, WER, latency, concurrency and peak RSS of one backend, in this process.
+async fn measure(models_dir: &Path, keys: &str, clips: &[Clip]) -> Value {
+    let state = load(models_dir, keys).await;
+    let transcriber = transcriber(&state);
+    let audio: f64 = clips.iter().map(|c| c.seconds).sum();
     transcribe(&transcriber, &clips[0].bytes).await; // warm up
     let started = Instant::now();
     let mut errors = 0;
     let mut words = 0;
-    for clip in &clips {
+    for clip in clips {
         let text = transcribe(&transcriber, &clip.bytes).await;
         let reference = normalized_words(&clip.reference);
         errors += word_errors(&reference, &normalized_words(&text));
@@ -112,55 +219,17 @@ async fn bench() {
     println!("  4 requests in flight: {concurrent:.2}x real time");
     let rss = peak_rss_mib();
     println!("  peak RSS {rss:.0} MiB");
-
-    let hearth = json!({
+    json!({
         "speed_x_realtime": round(speed, 2),
         "wer": round(wer, 4),
         "latency_5s_s": round(latency, 3),
         "concurrent4_x_realtime": round(concurrent, 2),
         "peak_rss_mib": round(rss, 1),
-    });
-    let peers: Vec<Value> = ["float32", "int8"]
-        .iter()
-        .filter_map(|compute| match run_peer(&folder, compute) {
-            Ok(report) => {
-                let ratio = |key: &str| {
-                    let (ours, theirs) = (hearth[key].as_f64()?, report[key].as_f64()?);
-                    Some(round(ours / theirs, 3))
-                };
-                let ratios = json!({
-                    "speed": ratio("speed_x_realtime"),
-                    "latency_5s": ratio("latency_5s_s"),
-                    "concurrent4": ratio("concurrent4_x_realtime"),
-                    "peak_rss": ratio("peak_rss_mib"),
-                });
-                println!("  faster-whisper {compute}: {report}\n    Hearth / peer: {ratios}");
-                Some(json!({ "report": report, "hearth_over_peer": ratios }))
-            }
-            Err(reason) => {
-                println!("  peer {compute} skipped: {reason}");
-                None
-            }
-        })
-        .collect();
-    let results = json!({
-        "machine": machine(),
-        "model": MODEL,
-        "clips": format!("{LIBRIVOX} (5 clips, {audio:.2} s, {words} words)"),
-        "hearth": hearth,
-        "peers": peers,
-        "notes": "speed and concurrency: audio seconds per wall second (higher is better); latency and RSS: lower is better. Greedy decoding, English, 2 threads on both sides.",
-    });
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/stt.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap() + "\n").unwrap();
-    println!("wrote {}", path.display());
+    })
 }
 
-async fn load(models_dir: &Path) -> AppState {
-    let toml = format!(
-        "models_dir = \"{}\"\n[[models]]\nid = \"whisper\"\npreset = \"whisper-base\"\nsource = \"{MODEL}\"\ndevice = \"cpu\"\n",
-        models_dir.display()
-    );
+async fn load(models_dir: &Path, keys: &str) -> AppState {
+    let toml = format!("models_dir = \"{}\"\n[[models]]\nid = \"whisper\"\n{keys}", models_dir.display());
     let state = AppState::new(Config::parse(&toml, None, &Overrides::default()).unwrap()).unwrap();
     load_models(state.clone()).await;
     state

@@ -151,6 +151,9 @@ fn long_version() -> &'static str {
         ("cuda", cfg!(feature = "cuda")),
         ("metal", cfg!(feature = "metal")),
         ("otlp", cfg!(feature = "otlp")),
+        ("onnx", cfg!(feature = "onnx")),
+        ("tts", cfg!(feature = "tts")),
+        ("whisper-cpp", cfg!(feature = "whisper-cpp")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))

@@ -34,9 +34,18 @@ use hearth_engine::Device;
 
 use crate::config::{
     EncoderBackend, EncoderConfig, KindConfig, KvCacheType, LlmConfig, ModelConfig, RerankConfig,
-    ScoringChoice, SttConfig, TextConfig, TtsConfig,
+    ScoringChoice, SttBackend, SttConfig, TextConfig, TtsConfig,
 };
 use crate::store::{downloads_allowed, Store};
+
+/// Whether `dir` holds a ggml Whisper file (`ggml*.bin`).
+fn has_ggml_file(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("ggml") && n.ends_with(".bin")))
+    })
+}
 
 /// How a backend loads an encoder on its owner thread (`CandleEmbedder::load`, …).
 type LoadEncoder<M> = fn(&ModelDir, &EncoderOptions) -> Result<(M, LoadedEncoder), BackendError>;
@@ -238,35 +247,112 @@ impl Loader {
         }))
     }
 
-    /// A speech-to-text model: a CTranslate2 Whisper folder, loaded on its owner thread.
+    /// A speech-to-text model: a CTranslate2 Whisper folder on candle, or a ggml file on
+    /// whisper.cpp, loaded on its owner thread.
     async fn transcriber(&self, config: &ModelConfig, stt: &SttConfig) -> anyhow::Result<Transcriber> {
         let dir = self.store.resolve(&stt.weights.source, downloads_allowed()).await?;
         let root = self.store.root().to_owned();
-        let (device, dtype) = (stt.weights.device, stt.weights.dtype);
         let options = TranscriberOptions {
             queue_depth: stt.weights.queue_depth,
             max_concurrent_requests: config.max_concurrent_requests,
             max_audio_secs: f64::from(stt.max_audio_secs),
         };
+        let backend = match stt.backend {
+            SttBackend::Auto if !dir.join("model.bin").is_file() && stt.file.is_some() => {
+                SttBackend::WhisperCpp
+            }
+            SttBackend::Auto if !dir.join("model.bin").is_file() && has_ggml_file(&dir) => {
+                SttBackend::WhisperCpp
+            }
+            SttBackend::Auto => SttBackend::Candle,
+            chosen => chosen,
+        };
         let (id, shown) = (Arc::clone(&config.id), dir.display().to_string());
+        let started = match backend {
+            SttBackend::WhisperCpp => self.whisper_cpp(config, stt, dir, options).await,
+            _ => {
+                let (device, dtype, decoder) = (stt.weights.device, stt.weights.dtype, stt.decoder_weights);
+                Transcriber::start(Arc::clone(&config.id), options, Arc::clone(&self.pool), move || {
+                    let (model, vocab, loaded) =
+                        whisper::load(&dir, &ModelsRoot::new(&root)?, device, dtype, decoder)?;
+                    tracing::info!(
+                        model = %id,
+                        backend = "candle",
+                        mels = loaded.dims.n_mels,
+                        encoder_layers = loaded.dims.n_audio_layer,
+                        decoder_layers = loaded.dims.n_text_layer,
+                        width = loaded.dims.n_state,
+                        languages = vocab.languages.len(),
+                        dtype = ?loaded.dtype,
+                        decoder_q8 = loaded.decoder_q8,
+                        device = %loaded.device,
+                        "model loaded"
+                    );
+                    Ok((model, vocab))
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+            }
+        };
+        started.with_context(|| format!("cannot load model `{}` from {shown}", config.id))
+    }
+
+    #[cfg(not(feature = "whisper-cpp"))]
+    async fn whisper_cpp(
+        &self,
+        config: &ModelConfig,
+        _stt: &SttConfig,
+        _dir: PathBuf,
+        _options: TranscriberOptions,
+    ) -> anyhow::Result<Transcriber> {
+        bail!(
+            "`stt` model `{}` needs whisper.cpp (a ggml file, or `backend = \"whisper-cpp\"`), and this \
+             Hearth was built without it (build it with `--features whisper-cpp`, which needs `cmake`)",
+            config.id
+        )
+    }
+
+    #[cfg(feature = "whisper-cpp")]
+    async fn whisper_cpp(
+        &self,
+        config: &ModelConfig,
+        stt: &SttConfig,
+        dir: PathBuf,
+        options: TranscriberOptions,
+    ) -> anyhow::Result<Transcriber> {
+        if stt.weights.device != Device::Cpu && stt.weights.device != Device::Auto {
+            bail!(
+                "`stt` model `{}`: Hearth's whisper.cpp backend runs on the CPU; use `device = \"cpu\"` or the \
+                 candle backend on a CTranslate2 folder for {}",
+                config.id,
+                stt.weights.device
+            );
+        }
+        let root = self.store.root().to_owned();
+        let (id, file) = (Arc::clone(&config.id), stt.file.clone());
+        let threads =
+            stt.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Transcriber::start(Arc::clone(&config.id), options, Arc::clone(&self.pool), move || {
-            let (model, vocab, loaded) = whisper::load(&dir, &ModelsRoot::new(&root)?, device, dtype)?;
+            let (model, vocab, loaded) =
+                whisper::cpp::load(&dir, file.as_deref(), &ModelsRoot::new(&root)?, threads)?;
             tracing::info!(
                 model = %id,
-                mels = loaded.dims.n_mels,
-                encoder_layers = loaded.dims.n_audio_layer,
-                decoder_layers = loaded.dims.n_text_layer,
-                width = loaded.dims.n_state,
+                backend = "whisper-cpp",
+                file = %loaded.file.display(),
+                ftype = loaded.ftype,
+                mels = loaded.n_mels,
+                encoder_layers = loaded.encoder_layers,
+                decoder_layers = loaded.decoder_layers,
+                width = loaded.width,
                 languages = vocab.languages.len(),
-                dtype = ?loaded.dtype,
-                device = %loaded.device,
+                threads = loaded.threads,
+                device = "cpu",
                 "model loaded"
             );
             Ok((model, vocab))
         })
         .await
         .map_err(|e| anyhow::anyhow!(e))
-        .with_context(|| format!("cannot load model `{}` from {shown}", config.id))
     }
 
     /// A text-to-speech model: the Piper voices of its folders, on ONNX Runtime, on its owner

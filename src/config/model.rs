@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use hearth_backends::whisper::DecoderWeights;
 use hearth_backends::{is_plain_relative, Architecture};
 use hearth_engine::encoder::BatchLimits;
 use hearth_engine::{DType, Device, ModelKind, Pooling};
@@ -73,7 +74,7 @@ pub(super) const LLM_KEYS: &[&str] = &[
 ];
 
 /// Options of `stt` entries.
-pub(super) const STT_KEYS: &[&str] = &["max_audio_secs"];
+pub(super) const STT_KEYS: &[&str] = &["max_audio_secs", "backend", "file", "cpu_threads", "decoder_weights"];
 
 /// Options of `tts` entries.
 pub(super) const TTS_KEYS: &[&str] = &[
@@ -234,6 +235,10 @@ struct RawLlm {
 #[serde(deny_unknown_fields)]
 struct RawStt {
     max_audio_secs: Option<u32>,
+    backend: Option<SttBackend>,
+    file: Option<String>,
+    cpu_threads: Option<usize>,
+    decoder_weights: Option<DecoderWeights>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -382,13 +387,35 @@ pub struct LlmConfig {
     pub max_output_tokens: Option<usize>,
 }
 
-/// A speech-to-text model (Whisper as a CTranslate2 folder, the faster-whisper format).
+/// A speech-to-text model: Whisper as a CTranslate2 folder (the faster-whisper format) on candle,
+/// or a ggml file on whisper.cpp.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SttConfig {
     pub weights: Weights,
     /// Longer uploads get 400 (checked from the container's header when it declares a length, so
     /// an over-long file is refused before it is decoded).
     pub max_audio_secs: u32,
+    pub backend: SttBackend,
+    /// The ggml file in the folder (`whisper-cpp`); `None`: its only `ggml*.bin`.
+    pub file: Option<String>,
+    /// whisper.cpp's threads per encoder or decoder call; `None`: one per core.
+    pub cpu_threads: Option<usize>,
+    /// How candle keeps the decoder's matrices (`auto`: Q8_0 for f32 on the CPU).
+    pub decoder_weights: DecoderWeights,
+}
+
+/// What runs a Whisper model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SttBackend {
+    /// candle when the folder is a CTranslate2 one (`model.bin`), whisper.cpp when it holds a
+    /// ggml file (and the build has the `whisper-cpp` feature).
+    #[default]
+    Auto,
+    /// candle on a CTranslate2 folder, on any device.
+    Candle,
+    /// whisper.cpp on a ggml file (CPU; the `whisper-cpp` feature).
+    WhisperCpp,
 }
 
 /// A text-to-speech model: Piper voices (`*.onnx` + `*.onnx.json`) in its `source` folder, and
@@ -833,7 +860,35 @@ fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
         Some(secs) => secs,
         None => DEFAULT_MAX_AUDIO_SECS,
     };
-    Ok(SttConfig { weights: entry.weights(DEFAULT_STT_FILES)?, max_audio_secs })
+    let backend = raw.backend.unwrap_or_default();
+    if raw.file.is_some() && backend == SttBackend::Candle {
+        return Err(invalid(
+            entry.field("file"),
+            "names a ggml file, which only `backend = \"whisper-cpp\"` reads",
+        ));
+    }
+    if let Some(file) = &raw.file {
+        if !is_plain_relative(Path::new(file)) {
+            return Err(invalid(entry.field("file"), "must be a file name inside the model's folder"));
+        }
+    }
+    if raw.cpu_threads == Some(0) {
+        return Err(invalid(entry.field("cpu_threads"), "must be at least 1"));
+    }
+    if raw.decoder_weights.is_some() && backend == SttBackend::WhisperCpp {
+        return Err(invalid(
+            entry.field("decoder_weights"),
+            "applies to the candle backend (a ggml file's types are its own)",
+        ));
+    }
+    Ok(SttConfig {
+        weights: entry.weights(DEFAULT_STT_FILES)?,
+        max_audio_secs,
+        backend,
+        file: raw.file,
+        cpu_threads: raw.cpu_threads,
+        decoder_weights: raw.decoder_weights.unwrap_or_default(),
+    })
 }
 
 /// Files of a Piper voice on the hub when the entry names none.

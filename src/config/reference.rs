@@ -290,12 +290,26 @@ pub const MODEL_LLM: Section = Section {
 
 pub const MODEL_STT: Section = Section {
     table: "[[models]] (`stt`)",
-    intro: "Whisper as a CTranslate2 folder (the faster-whisper format: `model.bin`, `config.json`, `tokenizer.json`).",
-    keys: &[key(
-        "max_audio_secs",
-        "`1800`",
-        "Longer uploads get 400 `audio_too_long` (from the container's declared length when it has one, before decoding).",
-    )],
+    intro: "Whisper as a CTranslate2 folder (the faster-whisper format: `model.bin`, `config.json`, `tokenizer.json`) on candle, or as a ggml file (whisper.cpp's format: `ggml-base.bin` and the like, float16 or quantized) on whisper.cpp, which needs a binary built with `--features whisper-cpp` (and `cmake` to build it). A ggml file carries no BPE merges, so its folder also holds the same Whisper's `tokenizer.json` (and `config.json` for the suppress lists and language ids; both come with any CTranslate2 or Hugging Face folder of that model). Hearth's decoding rules drive both backends alike; whisper.cpp runs on the CPU and does not time words (`timestamp_granularities[]=word` gets 400).",
+    keys: &[
+        key(
+            "max_audio_secs",
+            "`1800`",
+            "Longer uploads get 400 `audio_too_long` (from the container's declared length when it has one, before decoding).",
+        ),
+        key(
+            "backend",
+            "`\"auto\"`",
+            "`auto`: candle on a folder with `model.bin`, whisper.cpp on one with a ggml file (`ggml*.bin`) and no `model.bin`; `candle`; `whisper-cpp`.",
+        ),
+        key("file", "the only `ggml*.bin`", "Which ggml file of the folder whisper.cpp loads, when it holds several."),
+        key("cpu_threads", "one per core", "whisper.cpp's threads for each encoder or decoder pass."),
+        key(
+            "decoder_weights",
+            "`\"auto\"`",
+            "candle: `auto` (on the CPU in f32, the decoder's layer matrices in Q8_0 and its output projection in f16: the same transcripts, faster decoding), `float` (the model's dtype), `q8_0`.",
+        ),
+    ],
 };
 
 pub const MODEL_TTS: Section = Section {

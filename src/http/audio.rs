@@ -122,6 +122,16 @@ async fn handle(
                 }
             },
         };
+        if form.words && !transcriber.aligns_words() {
+            return Err(ApiError::invalid(
+                format!(
+                    "model `{}` cannot time words (whisper.cpp does not expose its cross-attention); ask for \
+                     `timestamp_granularities[]=segment`, or use a CTranslate2 folder on the candle backend",
+                    entry.id
+                ),
+                "timestamp_granularities",
+            ));
+        }
         let audio = form.file.take().ok_or_else(|| ApiError::invalid("`file` is required", "file"))?;
         let options = DecodeOptions {
             language,

@@ -114,9 +114,24 @@ fn stt_entries_are_configured_and_checked() {
     let config = parse("max_audio_secs = 60").unwrap();
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.max_audio_secs, 60);
+    assert_eq!(stt.backend, hearth::config::SttBackend::Auto);
+    assert_eq!(stt.decoder_weights, hearth::config::DecoderWeights::Auto);
+    let config = parse("backend = \"whisper-cpp\"\nfile = \"ggml-base-q8_0.bin\"\ncpu_threads = 3").unwrap();
+    let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
+    assert_eq!(stt.backend, hearth::config::SttBackend::WhisperCpp);
+    assert_eq!((stt.file.as_deref(), stt.cpu_threads), (Some("ggml-base-q8_0.bin"), Some(3)));
+    let config = parse("decoder_weights = \"float\"").unwrap();
+    let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
+    assert_eq!(stt.decoder_weights, hearth::config::DecoderWeights::Float);
     assert!(parse("").is_ok());
     for (bad, field) in [
         ("max_audio_secs = 0", "max_audio_secs"),
+        ("backend = \"onnx\"", "backend"),
+        ("backend = \"candle\"\nfile = \"ggml-base.bin\"", "file"),
+        ("file = \"../ggml-base.bin\"", "file"),
+        ("cpu_threads = 0", "cpu_threads"),
+        ("decoder_weights = \"int4\"", "decoder_weights"),
+        ("backend = \"whisper-cpp\"\ndecoder_weights = \"q8_0\"", "decoder_weights"),
         ("pooling = \"mean\"", "pooling"),
         ("chat_template = \"x\"", "chat_template"),
     ] {

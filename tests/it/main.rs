@@ -24,6 +24,8 @@ mod real_rag;
 mod real_weights;
 #[cfg(feature = "real-weights")]
 mod real_whisper;
+#[cfg(all(feature = "real-weights", feature = "whisper-cpp"))]
+mod real_whisper_cpp;
 mod rerank;
 mod security;
 mod support;

@@ -1,6 +1,8 @@
 //! Transcribes audio files with a CTranslate2 Whisper folder and prints each transcript with its
 //! speed as a multiple of real time: `cargo run --release -p hearth-backends --example transcribe
 //! -- MODEL_DIR FILE...` (for `perf` and quick checks; benches/stt.rs measures against peers).
+//! With `--features whisper-cpp`, a MODEL that is a ggml file (`…/ggml-base.bin`, with the
+//! folder's `tokenizer.json` and `config.json`) runs on whisper.cpp instead.
 
 use std::time::Instant;
 
@@ -9,12 +11,31 @@ use hearth_audio::mel::MelSpectrogram;
 use hearth_audio::{decode_to_rate, DecodeLimits, MelConfig, WHISPER_SAMPLE_RATE_HZ};
 use hearth_backends::whisper::load_ct2_folder;
 use hearth_engine::transcribe::decoding::{transcribe, DecodeOptions};
-use hearth_engine::transcribe::SpeechModel;
+use hearth_engine::transcribe::{SpeechModel, WhisperVocab};
 
-fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let dir = args.next().ok_or("usage: transcribe MODEL_DIR FILE...")?;
+    let files: Vec<String> = args.collect();
+    #[cfg(feature = "whisper-cpp")]
+    if dir.ends_with(".bin") {
+        let path = std::path::Path::new(&dir);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let model = hearth_backends::whisper::cpp::WhisperCpp::load(path, threads)?;
+        let vocab = hearth_backends::whisper::read_vocab(path.parent().ok_or("a ggml file in a folder")?)?;
+        return run(model, &vocab, &files);
+    }
     let (mut model, vocab) = load_ct2_folder(dir.as_ref(), Device::Cpu, DType::F32)?;
+    // HEARTH_WHISPER_DECODER=f32 keeps the decoder's float weights (the default is Q8_0, as served).
+    if std::env::var("HEARTH_WHISPER_DECODER").as_deref() != Ok("f32") {
+        model.quantize_decoder()?;
+    }
+    run(model, &vocab, &files)
+}
+
+fn run(mut model: impl SpeechModel, vocab: &WhisperVocab, files: &[String]) -> Result<(), Error> {
     let mel = MelSpectrogram::new(MelConfig::whisper(model.n_mels()));
     let options = DecodeOptions { language: Some("en".into()), ..DecodeOptions::default() };
     // The two costs, apart: one encoder window, and one decoder token (after 3 prompt tokens).
@@ -34,13 +55,13 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     let per_token = started.elapsed().as_secs_f64() / tokens.min(400) as f64;
     println!("encoder: {:.3} s per window (best of 3); decoder: {:.2} ms per token", encode, per_token * 1e3);
-    for file in args {
+    for file in files {
         let started = Instant::now();
-        let audio = decode_to_rate(&std::fs::read(&file)?, &DecodeLimits::default(), WHISPER_SAMPLE_RATE_HZ)?;
+        let audio = decode_to_rate(&std::fs::read(file)?, &DecodeLimits::default(), WHISPER_SAMPLE_RATE_HZ)?;
         let features = mel.log_mel(&audio.samples, 480_000);
         let content_frames = audio.samples.len() / 160;
         let transcript =
-            transcribe(&mut model, &vocab, &features, content_frames, &options, &|| false, &mut |_| {})?;
+            transcribe(&mut model, vocab, &features, content_frames, &options, &|| false, &mut |_| {})?;
         let secs = started.elapsed().as_secs_f64();
         println!(
             "{file}: {:.2}x real time ({:.2} s for {:.2} s)\n  {}",

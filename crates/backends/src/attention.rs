@@ -518,6 +518,33 @@ impl KvElem for f16 {
     }
 }
 
+/// `out[j] = x · row_j` over f16 rows (`rows` is `[n, x.len()]`): an output projection kept in f16
+/// (Whisper's tied token embedding on the CPU), the rows split across rayon's pool. Each output
+/// is summed the same way wherever its chunk falls.
+pub(crate) fn dot_rows_f16(x: &[f32], rows: &[f16]) -> Vec<f32> {
+    const CHUNK: usize = 512;
+    let d = x.len();
+    assert!(d > 0 && rows.len().is_multiple_of(d), "rows are not of {d} values");
+    let simd = kernels_available() && d.is_multiple_of(8);
+    let mut out = vec![0f32; rows.len() / d];
+    out.par_chunks_mut(CHUNK).zip(rows.par_chunks(CHUNK * d)).for_each(|(out, rows)| {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            let head = Head { query: x, offset: 0, stride: d, keys: out.len(), scale: 1.0 };
+            let mut scores = Vec::with_capacity(out.len());
+            // SAFETY: `simd` is set only with AVX2, FMA and F16C; `rows` holds `keys` rows of d.
+            unsafe { scores_avx2::<f16>(&head, rows, &mut scores) };
+            out.copy_from_slice(&scores);
+            return;
+        }
+        let _ = simd;
+        for (o, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            *o = <f16 as KvElem>::dot(x, row);
+        }
+    });
+    out
+}
+
 pub(crate) fn kernels_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -870,6 +897,20 @@ impl TensorKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against a float64 sum over the same f16 values, split across chunks or not.
+    #[test]
+    fn f16_row_products_match_a_float64_sum() {
+        let d = 64;
+        let x = random(d, 7);
+        let rows: Vec<f16> = random(1300 * d, 8).into_iter().map(f16::from_f32).collect();
+        let out = dot_rows_f16(&x, &rows);
+        assert_eq!(out.len(), 1300);
+        for (o, row) in out.iter().zip(rows.chunks_exact(d)) {
+            let exact: f64 = x.iter().zip(row).map(|(a, b)| f64::from(*a) * f64::from(b.to_f32())).sum();
+            assert!((f64::from(*o) - exact).abs() < 1e-5, "{o} vs {exact}");
+        }
+    }
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;

@@ -113,6 +113,34 @@ impl QuantMatrix {
         Ok(Self { n, k, blocks, simd: simd && avx2_available() })
     }
 
+    /// Quantizes a row-major f32 `[n, k]` matrix to Q8_0 as ggml's `quantize_row_q8_0_ref` does:
+    /// per 32-wide block `d = max|x| / 127`, `q = round(x / d)` (halves away from zero), `d`
+    /// stored through f16. For weights that come as floats (Whisper's decoder on the CPU).
+    pub fn q8_0_from_f32(weights: &[f32], n: usize, k: usize, simd: bool) -> Result<Self, BackendError> {
+        if !k.is_multiple_of(QK) || weights.len() != n * k {
+            return Err(BackendError::Unsupported(format!(
+                "{} values do not make a [{n}, {k}] matrix of 32-wide blocks",
+                weights.len()
+            )));
+        }
+        let (scales, quants) = weights
+            .chunks_exact(QK)
+            .map(|block| {
+                let amax = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let d = amax / 127.0;
+                let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+                let q: [i8; QK] = std::array::from_fn(|i| (block[i] * inverse).round() as i8);
+                (f16::from_f32(d).to_f32(), q)
+            })
+            .unzip();
+        Ok(Self { n, k, blocks: Blocks::Q8_0 { scales, quants }, simd: simd && avx2_available() })
+    }
+
+    /// A matrix of no rows (a placeholder while one is being replaced).
+    pub fn empty() -> Self {
+        Self { n: 0, k: 0, blocks: Blocks::Q8_0 { scales: Vec::new(), quants: Vec::new() }, simd: false }
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -506,6 +534,37 @@ mod tests {
                 assert_eq!(matrix.matmul(&x[row * k..(row + 1) * k], 1), &together[row * n..(row + 1) * n]);
             }
         }
+    }
+
+    /// ggml's `quantize_row_q8_0_ref` on a hand-worked block: d = 127/127 = 1, q = round(x / d)
+    /// with halves away from zero; and every value of a random matrix within d/2 of its input, plus
+    /// the scale's f16 rounding (at most 127 · d · 2⁻¹¹).
+    #[test]
+    fn floats_quantize_to_q8_0_as_ggml_does() {
+        let mut block = [0f32; QK];
+        block[0] = -127.0;
+        block[1] = 2.5;
+        block[2] = -3.5;
+        block[3] = 0.49;
+        let matrix = QuantMatrix::q8_0_from_f32(&block, 1, QK, true).unwrap();
+        let mut row = [0f32; QK];
+        matrix.dequantize_row(0, &mut row);
+        assert_eq!(&row[..5], &[-127.0, 3.0, -4.0, 0.0, 0.0]);
+
+        let (n, k) = (6, 64);
+        let weights: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.2).collect();
+        let matrix = QuantMatrix::q8_0_from_f32(&weights, n, k, true).unwrap();
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            matrix.dequantize_row(r, &mut row);
+            for (b, (values, inputs)) in row.chunks(QK).zip(weights[r * k..][..k].chunks(QK)).enumerate() {
+                let d = inputs.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                for (v, x) in values.iter().zip(inputs) {
+                    assert!((v - x).abs() <= d * (0.5 + 127.0 / 2048.0), "row {r} block {b}: {v} vs {x}");
+                }
+            }
+        }
+        assert!(QuantMatrix::q8_0_from_f32(&weights, n, 60, true).is_err());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! [`ct2`]); the decoding rules (timestamps, fallback, language detection) live in the engine,
 //! which drives this through [`SpeechModel`].
 
+#[cfg(feature = "whisper-cpp")]
+pub mod cpp;
 pub mod ct2;
 
 use std::path::Path;
@@ -13,6 +15,7 @@ use candle_nn::{LayerNorm, Linear};
 use hearth_engine::transcribe::{SpeechModel, WhisperConfig, WhisperVocab};
 
 use crate::device::{resolved_device, select_device, select_dtype};
+use crate::quant::QuantMatrix;
 use crate::{BackendError, ModelsRoot};
 use ct2::Ct2Model;
 
@@ -33,27 +36,117 @@ pub struct WhisperDims {
     pub n_vocab: usize,
 }
 
+/// A projection's weights: candle's `Linear`, or Q8_0 blocks (the decoder on the CPU, whose
+/// one-row steps are bound by reading the weights: Q8_0 reads a quarter of f32's bytes).
+enum Proj {
+    Float(Linear),
+    Q8 { weight: QuantMatrix, bias: Option<Vec<f32>> },
+}
+
+impl From<Linear> for Proj {
+    fn from(linear: Linear) -> Self {
+        Proj::Float(linear)
+    }
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Proj::Float(linear) => project(linear, x),
+            Proj::Q8 { weight, bias } => {
+                let (rows, _) = x.dims2()?;
+                let input = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = weight.matmul(&input, rows);
+                if let Some(bias) = bias {
+                    for row in y.chunks_exact_mut(weight.rows()) {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
+                }
+                Tensor::from_vec(y, (rows, weight.rows()), x.device())?.to_dtype(x.dtype())
+            }
+        }
+    }
+
+    /// The same projection with Q8_0 weights (the bias stays f32).
+    fn quantized(self) -> Result<Self, BackendError> {
+        let Proj::Float(linear) = self else { return Ok(self) };
+        let (n, k) = linear.weight().dims2()?;
+        let weights = linear.weight().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bias = match linear.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Proj::Q8 { weight: QuantMatrix::q8_0_from_f32(&weights, n, k, true)?, bias })
+    }
+}
+
+/// The token embedding, which is also the output projection (tied).
+enum TokenEmbedding {
+    Float(Tensor),
+    /// Row-major `[n_vocab, d]` in f16 (the decoder with Q8_0 layers: the logits are where
+    /// Q8_0's rounding changed transcripts of marginal audio, f16's does not).
+    F16 {
+        rows: Vec<half::f16>,
+        d: usize,
+    },
+}
+
+impl TokenEmbedding {
+    /// Rows of `tokens`, `[t, d]`.
+    fn lookup(&self, tokens: &[u32], device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbedding::Float(table) => table.index_select(&Tensor::new(tokens, device)?, 0),
+            TokenEmbedding::F16 { rows, d } => {
+                let mut out = Vec::with_capacity(tokens.len() * d);
+                for &token in tokens {
+                    let row = rows.get(token as usize * d..(token as usize + 1) * d);
+                    let row = row.ok_or_else(|| {
+                        candle_core::Error::Msg(format!("token {token} is outside the vocabulary"))
+                    })?;
+                    out.extend(row.iter().map(|v| v.to_f32()));
+                }
+                Tensor::from_vec(out, (tokens.len(), *d), device)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// Logits of one row `[1, d]`.
+    fn logits(&self, last: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let logits = match self {
+            TokenEmbedding::Float(table) => match crate::cpu_ops::linear_rows(last, table, None)? {
+                Some(logits) => logits,
+                None => last.matmul(&table.t()?)?,
+            },
+            TokenEmbedding::F16 { rows, .. } => {
+                let input = last.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                return Ok(crate::attention::dot_rows_f16(&input, rows));
+            }
+        };
+        logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+    }
+}
+
 struct SelfAttention {
     /// Fused query/key/value projection ([3d, d]; CTranslate2 keeps the key's zero bias).
-    qkv: Linear,
-    out: Linear,
+    qkv: Proj,
+    out: Proj,
 }
 
 struct CrossAttention {
-    query: Linear,
-    /// Fused key/value projection of the encoder output ([2d, d]).
+    query: Proj,
+    /// Fused key/value projection of the encoder output ([2d, d]), once per window.
     kv: Linear,
-    out: Linear,
+    out: Proj,
 }
 
 struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Proj,
+    fc2: Proj,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        project(&self.fc2, &crate::cpu_ops::gelu_erf(&project(&self.fc1, x)?)?)
+        self.fc2.forward(&crate::cpu_ops::gelu_erf(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -91,7 +184,7 @@ pub struct CandleWhisper {
     audio_positions: Tensor,
     encoder: Vec<EncoderBlock>,
     encoder_ln: LayerNorm,
-    token_embedding: Tensor,
+    token_embedding: TokenEmbedding,
     text_positions: Tensor,
     decoder: Vec<DecoderBlock>,
     decoder_ln: LayerNorm,
@@ -173,7 +266,7 @@ impl SelfAttention {
         causal: bool,
     ) -> candle_core::Result<(Tensor, (Tensor, Tensor))> {
         let d = x.dim(1)?;
-        let qkv = project(&self.qkv, x)?;
+        let qkv = self.qkv.forward(x)?;
         let q = split_heads(&qkv.narrow(1, 0, d)?, heads)?;
         let k = split_heads(&qkv.narrow(1, d, d)?, heads)?;
         let v = split_heads(&qkv.narrow(1, 2 * d, d)?, heads)?;
@@ -182,7 +275,7 @@ impl SelfAttention {
             None => (k, v, 0),
         };
         let out = attend(&q, &k, &v, causal.then_some(offset))?;
-        Ok((project(&self.out, &merge_heads(&out)?)?, (k, v)))
+        Ok((self.out.forward(&merge_heads(&out)?)?, (k, v)))
     }
 }
 
@@ -235,8 +328,8 @@ impl CandleWhisper {
         }
         let mlp = |prefix: &str| -> Result<Mlp, BackendError> {
             Ok(Mlp {
-                fc1: linear(&format!("{prefix}/linear_0"))?,
-                fc2: linear(&format!("{prefix}/linear_1"))?,
+                fc1: linear(&format!("{prefix}/linear_0"))?.into(),
+                fc2: linear(&format!("{prefix}/linear_1"))?.into(),
             })
         };
         let encoder = (0..dims.n_audio_layer)
@@ -245,8 +338,8 @@ impl CandleWhisper {
                 Ok(EncoderBlock {
                     attn_ln: norm(&format!("{p}/self_attention/layer_norm"))?,
                     attn: SelfAttention {
-                        qkv: linear(&format!("{p}/self_attention/linear_0"))?,
-                        out: linear(&format!("{p}/self_attention/linear_1"))?,
+                        qkv: linear(&format!("{p}/self_attention/linear_0"))?.into(),
+                        out: linear(&format!("{p}/self_attention/linear_1"))?.into(),
                     },
                     mlp_ln: norm(&format!("{p}/ffn/layer_norm"))?,
                     mlp: mlp(&format!("{p}/ffn"))?,
@@ -259,14 +352,14 @@ impl CandleWhisper {
                 Ok(DecoderBlock {
                     attn_ln: norm(&format!("{p}/self_attention/layer_norm"))?,
                     attn: SelfAttention {
-                        qkv: linear(&format!("{p}/self_attention/linear_0"))?,
-                        out: linear(&format!("{p}/self_attention/linear_1"))?,
+                        qkv: linear(&format!("{p}/self_attention/linear_0"))?.into(),
+                        out: linear(&format!("{p}/self_attention/linear_1"))?.into(),
                     },
                     cross_ln: norm(&format!("{p}/attention/layer_norm"))?,
                     cross: CrossAttention {
-                        query: linear(&format!("{p}/attention/linear_0"))?,
+                        query: linear(&format!("{p}/attention/linear_0"))?.into(),
                         kv: linear(&format!("{p}/attention/linear_1"))?,
-                        out: linear(&format!("{p}/attention/linear_2"))?,
+                        out: linear(&format!("{p}/attention/linear_2"))?.into(),
                     },
                     mlp_ln: norm(&format!("{p}/ffn/layer_norm"))?,
                     mlp: mlp(&format!("{p}/ffn"))?,
@@ -280,7 +373,7 @@ impl CandleWhisper {
             audio_positions,
             encoder,
             encoder_ln: norm("encoder/layer_norm")?,
-            token_embedding,
+            token_embedding: TokenEmbedding::Float(token_embedding),
             text_positions,
             decoder,
             decoder_ln: norm("decoder/layer_norm")?,
@@ -293,6 +386,40 @@ impl CandleWhisper {
 
     pub fn dims(&self) -> WhisperDims {
         self.dims
+    }
+
+    /// Whether the decoder's matrices are Q8_0.
+    pub fn decoder_q8(&self) -> bool {
+        matches!(self.token_embedding, TokenEmbedding::F16 { .. })
+    }
+
+    /// Turns the decoder's layer matrices (self- and cross-attention query/output projections and
+    /// MLP) into Q8_0 and its tied token embedding (the logits) into f16, for the CPU: one decoder
+    /// step reads about a third of the bytes. The encoder (1500 rows a window, bound by arithmetic) and the once-a-window
+    /// cross-attention keys and values stay float. CPU and f32 only.
+    pub fn quantize_decoder(&mut self) -> Result<(), BackendError> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Err(BackendError::Unsupported("Q8_0 decoder weights are for f32 on the CPU".into()));
+        }
+        let take = |proj: &mut Proj| -> Result<(), BackendError> {
+            let float = std::mem::replace(proj, Proj::Q8 { weight: QuantMatrix::empty(), bias: None });
+            *proj = float.quantized()?;
+            Ok(())
+        };
+        for block in &mut self.decoder {
+            take(&mut block.attn.qkv)?;
+            take(&mut block.attn.out)?;
+            take(&mut block.cross.query)?;
+            take(&mut block.cross.out)?;
+            take(&mut block.mlp.fc1)?;
+            take(&mut block.mlp.fc2)?;
+        }
+        if let TokenEmbedding::Float(table) = &self.token_embedding {
+            let d = table.dim(1)?;
+            let rows = table.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
+            self.token_embedding = TokenEmbedding::F16 { rows, d };
+        }
+        Ok(())
     }
 
     /// The encoder's output for one window of log-mel (`[n_mels × 3000]`), `[1500, d]`.
@@ -351,10 +478,9 @@ impl CandleWhisper {
                 self.n_past + t
             );
         }
-        let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self
             .token_embedding
-            .index_select(&ids, 0)?
+            .lookup(tokens, &self.device, self.dtype)?
             .broadcast_add(&self.text_positions.narrow(0, self.n_past, t)?)?;
         let heads = self.dims.n_text_head;
         let mut captured: Vec<(usize, Vec<f32>)> = Vec::new();
@@ -363,7 +489,7 @@ impl CandleWhisper {
                 block.attn.forward(&block.attn_ln.forward(&x)?, heads, cache.self_kv.as_ref(), true)?;
             cache.self_kv = Some(kv);
             x = (x + attn)?;
-            let q = split_heads(&project(&block.cross.query, &block.cross_ln.forward(&x)?)?, heads)?;
+            let q = split_heads(&block.cross.query.forward(&block.cross_ln.forward(&x)?)?, heads)?;
             if let Some((wanted, _)) = &capture {
                 let scale = 1.0 / ((self.dims.n_state / heads) as f64).sqrt();
                 for (index, &(_, head)) in wanted.iter().enumerate().filter(|(_, (l, _))| *l == layer) {
@@ -374,7 +500,7 @@ impl CandleWhisper {
                 }
             }
             let cross = attend(&q, &cache.audio_k, &cache.audio_v, None)?;
-            x = (&x + project(&block.cross.out, &merge_heads(&cross)?)?)?;
+            x = (&x + block.cross.out.forward(&merge_heads(&cross)?)?)?;
             x = (&x + block.mlp.forward(&block.mlp_ln.forward(&x)?)?)?;
         }
         if let Some((_, out)) = capture.as_mut() {
@@ -383,22 +509,13 @@ impl CandleWhisper {
         }
         self.n_past += t;
         let last = self.decoder_ln.forward(&x.narrow(0, t - 1, 1)?)?;
-        let logits = match crate::cpu_ops::linear_rows(&last, &self.token_embedding, None)? {
-            Some(logits) => logits,
-            None => last.matmul(&self.token_embedding.t()?)?,
-        };
-        let logits = logits.to_dtype(DType::F32)?;
-        logits.flatten_all()?.to_vec1()
+        self.token_embedding.logits(&last)
     }
 }
 
-/// A CTranslate2 Whisper folder as faster-whisper reads it: `model.bin`, `config.json` (suppress
-/// lists, language ids, alignment heads) and `tokenizer.json`.
-pub fn load_ct2_folder(
-    dir: &Path,
-    device: Device,
-    dtype: DType,
-) -> Result<(CandleWhisper, WhisperVocab), BackendError> {
+/// The vocabulary of a Whisper folder: `tokenizer.json` and `config.json` (suppress lists,
+/// language ids, alignment heads; defaults when there is none).
+pub fn read_vocab(dir: &Path) -> Result<WhisperVocab, BackendError> {
     let config_path = dir.join("config.json");
     let config: WhisperConfig = match std::fs::read(&config_path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -412,8 +529,18 @@ pub fn load_ct2_folder(
     }
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
         .map_err(|error| BackendError::Unsupported(format!("{}: {error}", tokenizer_path.display())))?;
-    let vocab = WhisperVocab::new(tokenizer, &config)
-        .map_err(|why| BackendError::Unsupported(format!("{}: {why}", tokenizer_path.display())))?;
+    WhisperVocab::new(tokenizer, &config)
+        .map_err(|why| BackendError::Unsupported(format!("{}: {why}", tokenizer_path.display())))
+}
+
+/// A CTranslate2 Whisper folder as faster-whisper reads it: `model.bin`, `config.json` (suppress
+/// lists, language ids, alignment heads) and `tokenizer.json`.
+pub fn load_ct2_folder(
+    dir: &Path,
+    device: Device,
+    dtype: DType,
+) -> Result<(CandleWhisper, WhisperVocab), BackendError> {
+    let vocab = read_vocab(dir)?;
     let model = CandleWhisper::load_ct2(dir, device, dtype)?;
     Ok((model, vocab))
 }
@@ -470,6 +597,10 @@ impl SpeechModel for CandleWhisper {
         Ok(scores)
     }
 
+    fn aligns_words(&self) -> bool {
+        true
+    }
+
     fn text_layers(&self) -> (usize, usize) {
         (self.dims.n_text_layer, self.dims.n_text_head)
     }
@@ -481,6 +612,23 @@ pub struct LoadedWhisper {
     pub dims: WhisperDims,
     pub device: hearth_engine::Device,
     pub dtype: DType,
+    /// Whether the decoder's matrices are Q8_0.
+    pub decoder_q8: bool,
+}
+
+/// How the decoder's matrices are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderWeights {
+    /// Q8_0 for f32 on the CPU (twice the decoding speed at the same transcripts:
+    /// benches/README.md), the model's dtype elsewhere.
+    #[default]
+    Auto,
+    /// The model's dtype.
+    Float,
+    /// Q8_0 (f32 on the CPU only).
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 /// Loads the CTranslate2 Whisper folder `dir`, which must lie inside `root` (as must the files it
@@ -490,6 +638,7 @@ pub fn load(
     root: &ModelsRoot,
     device: hearth_engine::Device,
     dtype: hearth_engine::DType,
+    decoder: DecoderWeights,
 ) -> Result<(CandleWhisper, WhisperVocab, LoadedWhisper), BackendError> {
     let missing = |what: &str| BackendError::Missing { dir: dir.to_owned(), what: what.into() };
     let dir = root.existing(dir)?.ok_or_else(|| missing("anything (it does not exist)"))?;
@@ -499,7 +648,20 @@ pub fn load(
     root.join(&dir, "config.json")?;
     let candle_device = select_device(device)?;
     let dtype = select_dtype(dtype, &candle_device);
-    let (model, vocab) = load_ct2_folder(&dir, candle_device, dtype)?;
-    let loaded = LoadedWhisper { dims: model.dims, device: resolved_device(&model.device), dtype };
+    let (mut model, vocab) = load_ct2_folder(&dir, candle_device, dtype)?;
+    let quantize = match decoder {
+        DecoderWeights::Auto => model.device.is_cpu() && dtype == DType::F32,
+        DecoderWeights::Float => false,
+        DecoderWeights::Q8_0 => true,
+    };
+    if quantize {
+        model.quantize_decoder()?;
+    }
+    let loaded = LoadedWhisper {
+        dims: model.dims,
+        device: resolved_device(&model.device),
+        dtype,
+        decoder_q8: model.decoder_q8(),
+    };
     Ok((model, vocab, loaded))
 }

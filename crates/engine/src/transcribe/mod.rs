@@ -42,6 +42,10 @@ pub trait SpeechModel: Send {
         let _ = (tokens, heads);
         Err("this speech model cannot align words to the audio".into())
     }
+    /// Whether [`SpeechModel::cross_attention`] works (word timestamps).
+    fn aligns_words(&self) -> bool {
+        false
+    }
     /// (decoder layers, heads per layer), for the default alignment heads.
     fn text_layers(&self) -> (usize, usize) {
         (0, 0)

@@ -42,6 +42,8 @@ pub trait Transcribe: Send + Sync {
     fn knows_language(&self, code: &str) -> bool;
     /// The longest audio a request may hold.
     fn max_audio_secs(&self) -> f64;
+    /// Whether the model can time words (`timestamp_granularities[]=word`).
+    fn aligns_words(&self) -> bool;
     fn transcribe(&self, request: TranscribeRequest) -> BoxFuture<'_, Result<Transcript, EngineError>>;
 }
 
@@ -74,6 +76,7 @@ pub struct Transcriber {
     mel: Arc<MelSpectrogram>,
     max_audio_secs: f64,
     languages: Vec<String>,
+    aligns_words: bool,
 }
 
 impl Transcriber {
@@ -91,8 +94,11 @@ impl Transcriber {
         let thread_model = Arc::clone(&model_id);
         let load = move || {
             let (model, vocab) = load()?;
-            let info =
-                (model.n_mels(), vocab.languages.iter().map(|(code, _)| code.clone()).collect::<Vec<_>>());
+            let info = (
+                model.n_mels(),
+                vocab.languages.iter().map(|(code, _)| code.clone()).collect::<Vec<_>>(),
+                model.aligns_words(),
+            );
             Ok(((model, vocab), info))
         };
         let run = move |(mut model, vocab): (M, WhisperVocab),
@@ -150,7 +156,7 @@ impl Transcriber {
                 let _ = reply.send(answer);
             }
         };
-        let (owner, (n_mels, languages)) =
+        let (owner, (n_mels, languages, aligns_words)) =
             Owner::start(Arc::clone(&model_id), options.queue_depth, load, run).await?;
         let admission = Admission::new(Arc::clone(&model_id), options.max_concurrent_requests);
         let mel = Arc::new(MelSpectrogram::new(MelConfig::whisper(n_mels)));
@@ -162,6 +168,7 @@ impl Transcriber {
             mel,
             max_audio_secs: options.max_audio_secs,
             languages,
+            aligns_words,
         })
     }
 
@@ -202,6 +209,10 @@ impl Transcribe for Transcriber {
 
     fn knows_language(&self, code: &str) -> bool {
         self.languages.iter().any(|l| l == code)
+    }
+
+    fn aligns_words(&self) -> bool {
+        self.aligns_words
     }
 
     fn transcribe(&self, request: TranscribeRequest) -> BoxFuture<'_, Result<Transcript, EngineError>> {
