@@ -38,15 +38,6 @@ use crate::config::{
 };
 use crate::store::{downloads_allowed, Store};
 
-/// Whether `dir` holds a ggml Whisper file (`ggml*.bin`).
-fn has_ggml_file(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .filter_map(Result::ok)
-            .any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("ggml") && n.ends_with(".bin")))
-    })
-}
-
 /// How a backend loads an encoder on its owner thread (`CandleEmbedder::load`, …).
 type LoadEncoder<M> = fn(&ModelDir, &EncoderOptions) -> Result<(M, LoadedEncoder), BackendError>;
 
@@ -258,10 +249,10 @@ impl Loader {
             max_audio_secs: f64::from(stt.max_audio_secs),
         };
         let backend = match stt.backend {
-            SttBackend::Auto if !dir.join("model.bin").is_file() && stt.file.is_some() => {
-                SttBackend::WhisperCpp
-            }
-            SttBackend::Auto if !dir.join("model.bin").is_file() && has_ggml_file(&dir) => {
+            SttBackend::Auto
+                if !dir.join("model.bin").is_file()
+                    && (stt.file.is_some() || whisper::has_ggml_file(&dir)) =>
+            {
                 SttBackend::WhisperCpp
             }
             SttBackend::Auto => SttBackend::Candle,

@@ -259,10 +259,7 @@ pub fn model_file(dir: &Path, file: Option<&str>, root: &ModelsRoot) -> Result<P
     let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("ggml") && n.ends_with(".bin"))
+            p.is_file() && p.file_name().and_then(|n| n.to_str()).is_some_and(super::is_ggml_file_name)
         })
         .collect();
     found.sort();

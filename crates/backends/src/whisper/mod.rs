@@ -513,6 +513,18 @@ impl CandleWhisper {
     }
 }
 
+/// Whether `name` is a ggml Whisper file's (`ggml*.bin`, as whisper.cpp's files are named).
+pub fn is_ggml_file_name(name: &str) -> bool {
+    name.starts_with("ggml") && name.ends_with(".bin")
+}
+
+/// Whether `dir` holds a ggml Whisper file.
+pub fn has_ggml_file(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|e| e.file_name().to_str().is_some_and(is_ggml_file_name))
+    })
+}
+
 /// The vocabulary of a Whisper folder: `tokenizer.json` and `config.json` (suppress lists,
 /// language ids, alignment heads; defaults when there is none).
 pub fn read_vocab(dir: &Path) -> Result<WhisperVocab, BackendError> {
