@@ -238,8 +238,8 @@ impl Loader {
         }))
     }
 
-    /// A speech-to-text model: a CTranslate2 Whisper folder on candle, or a ggml file on
-    /// whisper.cpp, loaded on its owner thread.
+    /// A speech-to-text model: a CTranslate2, Transformers (safetensors) or GGUF Whisper on
+    /// candle, or a ggml file on whisper.cpp, loaded on its owner thread.
     async fn transcriber(&self, config: &ModelConfig, stt: &SttConfig) -> anyhow::Result<Transcriber> {
         let dir = self.store.resolve(&stt.weights.source, downloads_allowed()).await?;
         let root = self.store.root().to_owned();
@@ -248,14 +248,20 @@ impl Loader {
             max_concurrent_requests: config.max_concurrent_requests,
             max_audio_secs: f64::from(stt.max_audio_secs),
         };
+        // Auto: candle for the weights it reads (CTranslate2, safetensors, GGUF), whisper.cpp for
+        // a ggml file.
         let backend = match stt.backend {
-            SttBackend::Auto
-                if !dir.join("model.bin").is_file()
-                    && (stt.file.is_some() || whisper::has_ggml_file(&dir)) =>
-            {
-                SttBackend::WhisperCpp
+            SttBackend::Auto => {
+                let candle = match stt.file.as_deref() {
+                    Some(file) => whisper::candle_reads_file(file),
+                    None => whisper::candle_reads(&dir) || !whisper::has_ggml_file(&dir),
+                };
+                if candle {
+                    SttBackend::Candle
+                } else {
+                    SttBackend::WhisperCpp
+                }
             }
-            SttBackend::Auto => SttBackend::Candle,
             chosen => chosen,
         };
         let (id, shown) = (Arc::clone(&config.id), dir.display().to_string());
@@ -263,12 +269,15 @@ impl Loader {
             SttBackend::WhisperCpp => self.whisper_cpp(config, stt, dir, options).await,
             _ => {
                 let (device, dtype, decoder) = (stt.weights.device, stt.weights.dtype, stt.decoder_weights);
+                let file = stt.file.clone();
                 Transcriber::start(Arc::clone(&config.id), options, Arc::clone(&self.pool), move || {
+                    let root = ModelsRoot::new(&root)?;
                     let (model, vocab, loaded) =
-                        whisper::load(&dir, &ModelsRoot::new(&root)?, device, dtype, decoder)?;
+                        whisper::load(&dir, file.as_deref(), &root, device, dtype, decoder)?;
                     tracing::info!(
                         model = %id,
                         backend = "candle",
+                        format = loaded.format,
                         mels = loaded.dims.n_mels,
                         encoder_layers = loaded.dims.n_audio_layer,
                         decoder_layers = loaded.dims.n_text_layer,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use hearth_backends::whisper::DecoderWeights;
-use hearth_backends::{is_plain_relative, Architecture};
+use hearth_backends::{is_plain_relative, whisper, Architecture};
 use hearth_engine::encoder::BatchLimits;
 use hearth_engine::{DType, Device, ModelKind, Pooling};
 use serde::Deserialize;
@@ -387,8 +387,8 @@ pub struct LlmConfig {
     pub max_output_tokens: Option<usize>,
 }
 
-/// A speech-to-text model: Whisper as a CTranslate2 folder (the faster-whisper format) on candle,
-/// or a ggml file on whisper.cpp.
+/// A speech-to-text model: Whisper as a CTranslate2 folder (the faster-whisper format), a
+/// Transformers checkpoint or a GGUF file on candle, or a ggml file on whisper.cpp.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SttConfig {
     pub weights: Weights,
@@ -396,7 +396,8 @@ pub struct SttConfig {
     /// an over-long file is refused before it is decoded).
     pub max_audio_secs: u32,
     pub backend: SttBackend,
-    /// The ggml file in the folder (`whisper-cpp`); `None`: its only `ggml*.bin`.
+    /// The weights file in the folder: `.safetensors` / `.gguf` (candle) or ggml (`whisper-cpp`);
+    /// `None`: the folder's own (`model.bin`, `model.safetensors`, the only `.gguf` or `ggml*.bin`).
     pub file: Option<String>,
     /// whisper.cpp's threads per encoder or decoder call; `None`: one per core.
     pub cpu_threads: Option<usize>,
@@ -408,11 +409,11 @@ pub struct SttConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SttBackend {
-    /// candle when the folder is a CTranslate2 one (`model.bin`), whisper.cpp when it holds a
-    /// ggml file (and the build has the `whisper-cpp` feature).
+    /// candle when the folder holds weights it reads (`model.bin`, safetensors, GGUF), whisper.cpp
+    /// when it holds only a ggml file (and the build has the `whisper-cpp` feature).
     #[default]
     Auto,
-    /// candle on a CTranslate2 folder, on any device.
+    /// candle on CTranslate2, Transformers or GGUF weights, on any device.
     Candle,
     /// whisper.cpp on a ggml file (CPU; the `whisper-cpp` feature).
     WhisperCpp,
@@ -850,9 +851,17 @@ fn parse_llm(entry: &Entry, raw: RawLlm) -> Result<LlmConfig, ConfigError> {
     })
 }
 
-/// Files of a CTranslate2 Whisper folder (what faster-whisper downloads).
-pub const DEFAULT_STT_FILES: &[&str] =
-    &["config.json", "model.bin", "tokenizer.json", "vocabulary.*", "preprocessor_config.json"];
+/// Files of a Whisper repository on the hub: a CTranslate2 folder (what faster-whisper downloads)
+/// or a Transformers checkpoint (`openai/whisper-*`: `model.safetensors` and its generation config).
+pub const DEFAULT_STT_FILES: &[&str] = &[
+    "config.json",
+    "model.bin",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "vocabulary.*",
+    "preprocessor_config.json",
+];
 
 fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
     let max_audio_secs = match raw.max_audio_secs {
@@ -861,11 +870,22 @@ fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
         None => DEFAULT_MAX_AUDIO_SECS,
     };
     let backend = raw.backend.unwrap_or_default();
-    if raw.file.is_some() && backend == SttBackend::Candle {
-        return Err(invalid(
-            entry.field("file"),
-            "names a ggml file, which only `backend = \"whisper-cpp\"` reads",
-        ));
+    match (&raw.file, backend) {
+        (Some(file), SttBackend::Candle) if !whisper::candle_reads_file(file) => {
+            return Err(invalid(
+                entry.field("file"),
+                "is not a file the candle backend reads (model.bin, a .safetensors or a .gguf file; \
+                 a ggml file needs `backend = \"whisper-cpp\"`)",
+            ))
+        }
+        (Some(file), SttBackend::WhisperCpp) if whisper::candle_reads_file(file) => {
+            return Err(invalid(
+                entry.field("file"),
+                "is not a ggml file, the only kind whisper.cpp reads (CTranslate2, safetensors and GGUF \
+                 Whisper run on the candle backend)",
+            ))
+        }
+        _ => {}
     }
     if let Some(file) = &raw.file {
         if !is_plain_relative(Path::new(file)) {

@@ -290,7 +290,7 @@ pub const MODEL_LLM: Section = Section {
 
 pub const MODEL_STT: Section = Section {
     table: "[[models]] (`stt`)",
-    intro: "Whisper as a CTranslate2 folder (the faster-whisper format: `model.bin`, `config.json`, `tokenizer.json`) on candle, or as a ggml file (whisper.cpp's format: `ggml-base.bin` and the like, float16 or quantized) on whisper.cpp, which needs a binary built with `--features whisper-cpp` (and `cmake` to build it). A ggml file carries no BPE merges, so its folder also holds the same Whisper's `tokenizer.json` (and `config.json` for the suppress lists and language ids; both come with any CTranslate2 or Hugging Face folder of that model). Hearth's decoding rules drive both backends alike; whisper.cpp runs on the CPU and does not time words (`timestamp_granularities[]=word` gets 400).",
+    intro: "Whisper on candle from a CTranslate2 folder (the faster-whisper format: `model.bin`, `config.json`, `tokenizer.json`), a Transformers checkpoint (`openai/whisper-*`: `model.safetensors` in f32, f16 or bf16, or shards with their index, `config.json`, `generation_config.json`, `tokenizer.json`) or a GGUF file with Transformers' tensor names (candle's quantized Whisper files, beside a Transformers `config.json` and `tokenizer.json`; its matrices are widened to the model's dtype when loading), on any device; or a ggml file (whisper.cpp's format: `ggml-base.bin` and the like, float16 or quantized) on whisper.cpp, which needs a binary built with `--features whisper-cpp` (and `cmake` to build it). A ggml file carries no BPE merges, so its folder also holds the same Whisper's `tokenizer.json` (and `config.json` for the suppress lists and language ids; both come with any CTranslate2 or Hugging Face folder of that model). Hearth's decoding rules drive both backends alike; whisper.cpp runs on the CPU and does not time words (`timestamp_granularities[]=word` gets 400).",
     keys: &[
         key(
             "max_audio_secs",
@@ -300,9 +300,13 @@ pub const MODEL_STT: Section = Section {
         key(
             "backend",
             "`\"auto\"`",
-            "`auto`: candle on a folder with `model.bin`, whisper.cpp on one with a ggml file (`ggml*.bin`) and no `model.bin`; `candle`; `whisper-cpp`.",
+            "`auto`: candle on a folder with `model.bin`, `*.safetensors` or a `.gguf` file (or a `file` of those), whisper.cpp on one with only a ggml file (`ggml*.bin`, or a `file` of another name); `candle`; `whisper-cpp`.",
         ),
-        key("file", "the only `ggml*.bin`", "Which ggml file of the folder whisper.cpp loads, when it holds several."),
+        key(
+            "file",
+            "candle: `model.bin`, else `model.safetensors` (or the shards of `model.safetensors.index.json`), else the only `.gguf`; whisper.cpp: the only `ggml*.bin`",
+            "Which weights file of the folder to load, when it holds several: a `.safetensors` or `.gguf` file (candle) or a ggml file (whisper.cpp).",
+        ),
         key("cpu_threads", "one per core", "whisper.cpp's threads for each encoder or decoder pass."),
         key(
             "decoder_weights",

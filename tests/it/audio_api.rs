@@ -120,6 +120,11 @@ fn stt_entries_are_configured_and_checked() {
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.backend, hearth::config::SttBackend::WhisperCpp);
     assert_eq!((stt.file.as_deref(), stt.cpu_threads), (Some("ggml-base-q8_0.bin"), Some(3)));
+    for file in ["whisper-base-q8_0.gguf", "model.safetensors"] {
+        let config = parse(&format!("backend = \"candle\"\nfile = \"{file}\"")).unwrap();
+        let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
+        assert_eq!(stt.file.as_deref(), Some(file));
+    }
     let config = parse("decoder_weights = \"float\"").unwrap();
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.decoder_weights, hearth::config::DecoderWeights::Float);
@@ -128,6 +133,7 @@ fn stt_entries_are_configured_and_checked() {
         ("max_audio_secs = 0", "max_audio_secs"),
         ("backend = \"onnx\"", "backend"),
         ("backend = \"candle\"\nfile = \"ggml-base.bin\"", "file"),
+        ("backend = \"whisper-cpp\"\nfile = \"whisper-base-q8_0.gguf\"", "file"),
         ("file = \"../ggml-base.bin\"", "file"),
         ("cpu_threads = 0", "cpu_threads"),
         ("decoder_weights = \"int4\"", "decoder_weights"),

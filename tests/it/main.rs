@@ -26,6 +26,8 @@ mod real_weights;
 mod real_whisper;
 #[cfg(all(feature = "real-weights", feature = "whisper-cpp"))]
 mod real_whisper_cpp;
+#[cfg(feature = "real-weights")]
+mod real_whisper_hf;
 mod rerank;
 mod security;
 mod support;

@@ -24,7 +24,7 @@ use crate::support::{app, form, models_root, post_form, App, Reply};
 const LIBRIVOX: &str = "/usr/share/pocketsphinx/test/data/librivox";
 pub(crate) const SHORT_CLIP: &str = "sense_and_sensibility_01_austen_64kb-0880";
 
-fn model_dir() -> PathBuf {
+pub(crate) fn model_dir() -> PathBuf {
     let dir = models_root().join("whisper-base-ct2");
     assert!(
         dir.join("model.bin").is_file(),
@@ -62,7 +62,7 @@ async fn whisper() -> App {
     .await
 }
 
-async fn transcribe_file(app: &App, name: &str, bytes: &[u8], fields: &[(&str, &str)]) -> Reply {
+pub(crate) async fn transcribe_file(app: &App, name: &str, bytes: &[u8], fields: &[(&str, &str)]) -> Reply {
     let mut all = vec![("model", "whisper")];
     all.extend_from_slice(fields);
     post_form(app, "/v1/audio/transcriptions", form(Some((name, bytes)), &all)).await
@@ -82,16 +82,7 @@ pub(crate) fn reference_json(name: &str) -> Value {
 fn the_ct2_folder_reproduces_ctranslate2s_own_numbers() {
     let reference = reference_json("ct2-reference.json");
     let (mut model, vocab) = load_ct2_folder(&model_dir(), Device::Cpu, DType::F32).unwrap();
-    let decoded = decode(&std::fs::read(clip(SHORT_CLIP)).unwrap(), &DecodeLimits::default()).unwrap();
-    assert_eq!(decoded.sample_rate_hz, 16_000, "the clip is read as is, without resampling");
-    let content_frames = decoded.samples.len() / 160;
-    assert_eq!(content_frames as u64, reference["content_frames"].as_u64().unwrap());
-    let mel = MelSpectrogram::new(MelConfig::whisper(80)).log_mel(&decoded.samples, 480_000);
-    let mut window = mel.window(0, 3000);
-    for row in window.chunks_exact_mut(3000) {
-        row[content_frames..].fill(0.0);
-    }
-    let encoded = model.encoder_output(&window).unwrap().to_vec2::<f32>().unwrap();
+    let encoded = model.encoder_output(&reference_window()).unwrap().to_vec2::<f32>().unwrap();
     let d = encoded[0].len();
     let mean_abs = encoded.iter().flatten().map(|x| x.abs() as f64).sum::<f64>() / (encoded.len() * d) as f64;
     let expected_mean = reference["encoder_mean_abs"].as_f64().unwrap();
@@ -106,6 +97,22 @@ fn the_ct2_folder_reproduces_ctranslate2s_own_numbers() {
     assert!(worst < 1e-3, "largest difference from CTranslate2's encoder output: {worst}");
 
     assert_decodes_ctranslate2s_tokens(&mut model, &vocab, 1e-3);
+}
+
+/// The reference clip's 80-bin log-mel window as CTranslate2's reference saw it (the frames past
+/// the audio zeroed).
+pub(crate) fn reference_window() -> Vec<f32> {
+    let reference = reference_json("ct2-reference.json");
+    let decoded = decode(&std::fs::read(clip(SHORT_CLIP)).unwrap(), &DecodeLimits::default()).unwrap();
+    assert_eq!(decoded.sample_rate_hz, 16_000, "the clip is read as is, without resampling");
+    let content_frames = decoded.samples.len() / 160;
+    assert_eq!(content_frames as u64, reference["content_frames"].as_u64().unwrap());
+    let mel = MelSpectrogram::new(MelConfig::whisper(80)).log_mel(&decoded.samples, 480_000);
+    let mut window = mel.window(0, 3000);
+    for row in window.chunks_exact_mut(3000) {
+        row[content_frames..].fill(0.0);
+    }
+    window
 }
 
 /// `model` decodes the reference window (Hearth's decoding rules, greedy, English) to CTranslate2's
@@ -369,7 +376,11 @@ async fn bad_audio_of_each_kind_gets_its_400() {
 /// monotonic and inside the audio.
 #[tokio::test]
 async fn word_timestamps_match_faster_whispers() {
-    let app = whisper().await;
+    assert_word_timestamps_match_faster_whispers(&whisper().await).await;
+}
+
+/// `app`'s model `whisper` times the words of faster-whisper's word fixture within 60 ms of it.
+pub(crate) async fn assert_word_timestamps_match_faster_whispers(app: &App) {
     let reference = reference_json("faster-whisper-words.json");
     for (clip_id, expected) in reference["clips"].as_object().unwrap() {
         let wav = std::fs::read(clip(clip_id)).unwrap();
@@ -379,7 +390,7 @@ async fn word_timestamps_match_faster_whispers() {
             ("timestamp_granularities[]", "segment"),
             ("language", "en"),
         ];
-        let reply = transcribe_file(&app, "a.wav", &wav, &fields).await;
+        let reply = transcribe_file(app, "a.wav", &wav, &fields).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
         assert!(reply.body["segments"].is_array(), "segments were asked for too");
         let words = reply.body["words"].as_array().unwrap();
@@ -404,7 +415,7 @@ async fn word_timestamps_match_faster_whispers() {
     // Only `word`: words without segments.
     let wav = std::fs::read(clip(SHORT_CLIP)).unwrap();
     let fields = [("response_format", "verbose_json"), ("timestamp_granularities[]", "word")];
-    let reply = transcribe_file(&app, "a.wav", &wav, &fields).await;
+    let reply = transcribe_file(app, "a.wav", &wav, &fields).await;
     assert!(reply.body["segments"].is_null() && reply.body["words"].is_array(), "{}", reply.text);
 }
 

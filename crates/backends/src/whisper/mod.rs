@@ -7,8 +7,9 @@
 #[cfg(feature = "whisper-cpp")]
 pub mod cpp;
 pub mod ct2;
+pub mod hf;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
@@ -18,6 +19,37 @@ use crate::device::{resolved_device, select_device, select_dtype};
 use crate::quant::QuantMatrix;
 use crate::{BackendError, ModelsRoot};
 use ct2::Ct2Model;
+
+/// Whisper's tensors by CTranslate2's variable names (`encoder/layer_0/self_attention/linear_0/weight`,
+/// the fused query/key/value), whatever the file holds them: [`ct2`] or [`hf`].
+pub trait WeightSource {
+    fn contains(&self, name: &str) -> bool;
+    /// A float tensor in `dtype` on `device`.
+    fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, BackendError>;
+    /// Attention heads of `encoder` or `decoder`.
+    fn heads(&self, side: &str) -> Result<usize, BackendError>;
+    /// The file, for messages.
+    fn describe(&self) -> String;
+}
+
+impl WeightSource for Ct2Model {
+    fn contains(&self, name: &str) -> bool {
+        Ct2Model::contains(self, name)
+    }
+
+    fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, BackendError> {
+        Ct2Model::tensor(self, name, dtype, device)
+    }
+
+    fn heads(&self, side: &str) -> Result<usize, BackendError> {
+        let heads = self.scalar(&format!("{side}/num_heads"))?;
+        usize::try_from(heads).map_err(|_| BackendError::Unsupported(format!("{side}/num_heads is {heads}")))
+    }
+
+    fn describe(&self) -> String {
+        "the CTranslate2 model".into()
+    }
+}
 
 /// Frames of log-mel in one 30 s window, and encoder positions after the stride-2 convolution.
 pub const WINDOW_FRAMES: usize = 3000;
@@ -290,6 +322,15 @@ impl CandleWhisper {
                 model.spec
             )));
         }
+        Self::from_weights(&model, device, dtype)
+    }
+
+    /// Builds the model from tensors named as CTranslate2 names them (any [`WeightSource`]).
+    pub fn from_weights(
+        model: &dyn WeightSource,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self, BackendError> {
         let t = |name: &str| model.tensor(name, dtype, &device);
         let linear = |prefix: &str| -> Result<Linear, BackendError> {
             let bias = if model.contains(&format!("{prefix}/bias")) {
@@ -313,17 +354,17 @@ impl CandleWhisper {
             n_mels: conv1_w.dim(1)?,
             n_audio_ctx: audio_positions.dim(0)?,
             n_state: audio_positions.dim(1)?,
-            n_audio_head: model.scalar("encoder/num_heads")? as usize,
+            n_audio_head: model.heads("encoder")?,
             n_audio_layer: count_layers("encoder"),
             n_text_ctx: text_positions.dim(0)?,
-            n_text_head: model.scalar("decoder/num_heads")? as usize,
+            n_text_head: model.heads("decoder")?,
             n_text_layer: count_layers("decoder"),
             n_vocab: token_embedding.dim(0)?,
         };
         if dims.n_audio_ctx * 2 != WINDOW_FRAMES || dims.n_audio_head == 0 || dims.n_text_head == 0 {
             return Err(BackendError::Unsupported(format!(
                 "{}: unexpected Whisper sizes {dims:?}",
-                dir.display()
+                model.describe()
             )));
         }
         let mlp = |prefix: &str| -> Result<Mlp, BackendError> {
@@ -525,16 +566,26 @@ pub fn has_ggml_file(dir: &Path) -> bool {
     })
 }
 
+/// A Whisper config file of `dir`, when there is one.
+fn read_config(dir: &Path, name: &str) -> Result<Option<WhisperConfig>, BackendError> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            WhisperConfig::from_json(&bytes).map(Some).map_err(|source| BackendError::Json { path, source })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(BackendError::Io { path, source }),
+    }
+}
+
 /// The vocabulary of a Whisper folder: `tokenizer.json` and `config.json` (suppress lists,
-/// language ids, alignment heads; defaults when there is none).
+/// language ids, alignment heads; defaults when there is none), completed from Transformers'
+/// `generation_config.json` where that file is there.
 pub fn read_vocab(dir: &Path) -> Result<WhisperVocab, BackendError> {
-    let config_path = dir.join("config.json");
-    let config: WhisperConfig = match std::fs::read(&config_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|source| BackendError::Json { path: config_path, source })?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => WhisperConfig::default(),
-        Err(source) => return Err(BackendError::Io { path: config_path, source }),
-    };
+    let mut config = read_config(dir, "config.json")?.unwrap_or_default();
+    if let Some(generation) = read_config(dir, "generation_config.json")? {
+        config = config.or(generation);
+    }
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.is_file() {
         return Err(BackendError::Missing { dir: dir.into(), what: "tokenizer.json".into() });
@@ -626,6 +677,8 @@ pub struct LoadedWhisper {
     pub dtype: DType,
     /// Whether the decoder's matrices are Q8_0.
     pub decoder_q8: bool,
+    /// The weights' format: `ctranslate2`, `safetensors` or `gguf`.
+    pub format: &'static str,
 }
 
 /// How the decoder's matrices are kept.
@@ -643,10 +696,119 @@ pub enum DecoderWeights {
     Q8_0,
 }
 
-/// Loads the CTranslate2 Whisper folder `dir`, which must lie inside `root` (as must the files it
-/// reads), on the configured device and dtype (`auto`: f32 on the CPU, f16 on GPUs).
+/// Where a folder's weights for the candle backend are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightFiles {
+    /// A CTranslate2 `model.bin`.
+    Ct2(PathBuf),
+    /// Transformers' safetensors (one file or a checkpoint's shards).
+    Safetensors(Vec<PathBuf>),
+    /// A GGUF file of Transformers' names.
+    Gguf(PathBuf),
+}
+
+fn has_extension(name: &str, extension: &str) -> bool {
+    Path::new(name).extension().is_some_and(|e| e == extension)
+}
+
+/// Whether `file` (a config's `file`) names weights the candle backend reads.
+pub fn candle_reads_file(file: &str) -> bool {
+    file == "model.bin" || has_extension(file, "gguf") || has_extension(file, "safetensors")
+}
+
+/// Files of `dir` (names only) ending in `.extension`, sorted.
+fn files_with_extension(dir: &Path, extension: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| has_extension(name, extension))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Whether `dir` holds weights the candle backend reads (`model.bin`, safetensors or GGUF).
+pub fn candle_reads(dir: &Path) -> bool {
+    dir.join("model.bin").is_file()
+        || !files_with_extension(dir, "safetensors").is_empty()
+        || !files_with_extension(dir, "gguf").is_empty()
+}
+
+/// The candle backend's weights in `dir` (or `file` of it): `model.bin`, else Transformers'
+/// `model.safetensors` (or the shards its index lists, or every `.safetensors`), else the one
+/// `.gguf` file. Every path lies inside `root`.
+pub fn weight_files(dir: &Path, file: Option<&str>, root: &ModelsRoot) -> Result<WeightFiles, BackendError> {
+    let missing = |what: String| BackendError::Missing { dir: dir.to_owned(), what };
+    let inside = |name: &str| -> Result<PathBuf, BackendError> {
+        root.join(dir, name)?.filter(|p| p.is_file()).ok_or_else(|| missing(name.to_string()))
+    };
+    if let Some(file) = file {
+        return if file == "model.bin" {
+            Ok(WeightFiles::Ct2(inside(file)?))
+        } else if has_extension(file, "gguf") {
+            Ok(WeightFiles::Gguf(inside(file)?))
+        } else if has_extension(file, "safetensors") {
+            Ok(WeightFiles::Safetensors(vec![inside(file)?]))
+        } else {
+            Err(BackendError::Unsupported(format!(
+                "{}: `{file}` is not a file the candle backend reads (model.bin, .safetensors or .gguf; \
+                 a ggml file needs the whisper.cpp backend)",
+                dir.display()
+            )))
+        };
+    }
+    if dir.join("model.bin").is_file() {
+        return Ok(WeightFiles::Ct2(inside("model.bin")?));
+    }
+    if dir.join("model.safetensors").is_file() {
+        return Ok(WeightFiles::Safetensors(vec![inside("model.safetensors")?]));
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let bytes =
+            std::fs::read(&index).map_err(|source| BackendError::Io { path: index.clone(), source })?;
+        let parsed: Index =
+            serde_json::from_slice(&bytes).map_err(|source| BackendError::Json { path: index, source })?;
+        let mut shards: Vec<&String> = parsed.weight_map.values().collect();
+        shards.sort();
+        shards.dedup();
+        return Ok(WeightFiles::Safetensors(
+            shards.into_iter().map(|s| inside(s)).collect::<Result<_, _>>()?,
+        ));
+    }
+    let shards = files_with_extension(dir, "safetensors");
+    if !shards.is_empty() {
+        return Ok(WeightFiles::Safetensors(shards.iter().map(|s| inside(s)).collect::<Result<_, _>>()?));
+    }
+    match files_with_extension(dir, "gguf").as_slice() {
+        [one] => Ok(WeightFiles::Gguf(inside(one)?)),
+        [] => Err(missing(
+            "Whisper weights: model.bin (CTranslate2), model.safetensors (Transformers) or a .gguf file"
+                .into(),
+        )),
+        several => Err(BackendError::Unsupported(format!(
+            "{}: several GGUF files ({}); name one with `file`",
+            dir.display(),
+            several.join(", ")
+        ))),
+    }
+}
+
+/// Loads the Whisper folder `dir` (CTranslate2, Transformers safetensors or GGUF, or the `file`
+/// named), which must lie inside `root` (as must the files it reads), on the configured device
+/// and dtype (`auto`: f32 on the CPU, f16 on GPUs). GGUF's quantized matrices are widened to
+/// `dtype` when loading (the decoder on the CPU is then Q8_0 again, `decoder_weights = "auto"`).
 pub fn load(
     dir: &Path,
+    file: Option<&str>,
     root: &ModelsRoot,
     device: hearth_engine::Device,
     dtype: hearth_engine::DType,
@@ -654,13 +816,34 @@ pub fn load(
 ) -> Result<(CandleWhisper, WhisperVocab, LoadedWhisper), BackendError> {
     let missing = |what: &str| BackendError::Missing { dir: dir.to_owned(), what: what.into() };
     let dir = root.existing(dir)?.ok_or_else(|| missing("anything (it does not exist)"))?;
-    for name in ["model.bin", "tokenizer.json"] {
-        root.join(&dir, name)?.filter(|p| p.is_file()).ok_or_else(|| missing(name))?;
-    }
+    let weights = weight_files(&dir, file, root)?;
+    root.join(&dir, "tokenizer.json")?.filter(|p| p.is_file()).ok_or_else(|| missing("tokenizer.json"))?;
     root.join(&dir, "config.json")?;
+    root.join(&dir, "generation_config.json")?;
     let candle_device = select_device(device)?;
     let dtype = select_dtype(dtype, &candle_device);
-    let (mut model, vocab) = load_ct2_folder(&dir, candle_device, dtype)?;
+    let vocab = read_vocab(&dir)?;
+    let (mut model, format) = match &weights {
+        WeightFiles::Ct2(path) => {
+            let model = Ct2Model::read(path)?;
+            if model.spec != "WhisperSpec" {
+                return Err(BackendError::Unsupported(format!(
+                    "{}: the CTranslate2 model is a {}, not a WhisperSpec",
+                    path.display(),
+                    model.spec
+                )));
+            }
+            (CandleWhisper::from_weights(&model, candle_device, dtype)?, "ctranslate2")
+        }
+        WeightFiles::Safetensors(files) => {
+            let source = hf::HfWeights::safetensors(&dir, files)?;
+            (CandleWhisper::from_weights(&source, candle_device, dtype)?, "safetensors")
+        }
+        WeightFiles::Gguf(path) => {
+            let source = hf::HfWeights::gguf(&dir, path)?;
+            (CandleWhisper::from_weights(&source, candle_device, dtype)?, "gguf")
+        }
+    };
     let quantize = match decoder {
         DecoderWeights::Auto => model.device.is_cpu() && dtype == DType::F32,
         DecoderWeights::Float => false,
@@ -674,6 +857,7 @@ pub fn load(
         device: resolved_device(&model.device),
         dtype,
         decoder_q8: model.decoder_q8(),
+        format,
     };
     Ok((model, vocab, loaded))
 }

@@ -3,22 +3,63 @@
 
 use tokenizers::Tokenizer;
 
-/// Per-model decoding data that ships beside the weights (CTranslate2's and Hugging Face's
-/// `config.json` / `generation_config.json` carry the same lists).
+/// Per-model decoding data that ships beside the weights (CTranslate2's `config.json`, and
+/// Transformers' `config.json` / `generation_config.json`, carry the same lists; a `null` list
+/// reads as empty).
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
 pub struct WhisperConfig {
     /// Tokens never sampled (non-speech symbols).
-    #[serde(default, alias = "suppress_tokens")]
+    #[serde(default, alias = "suppress_tokens", deserialize_with = "null_as_empty")]
     pub suppress_ids: Vec<u32>,
     /// Tokens not sampled first (the blank and end of text).
-    #[serde(default, alias = "begin_suppress_tokens")]
+    #[serde(default, alias = "begin_suppress_tokens", deserialize_with = "null_as_empty")]
     pub suppress_ids_begin: Vec<u32>,
-    /// Language token ids, when the config lists them.
-    #[serde(default)]
+    /// Language token ids, when the config lists them (Transformers: the values of `lang_to_id`).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub lang_ids: Vec<u32>,
     /// (layer, head) pairs whose cross-attention follows the audio, for word timestamps.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub alignment_heads: Vec<(usize, usize)>,
+    /// Transformers' language tokens by name (read into `lang_ids` by [`WhisperConfig::from_json`]).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub lang_to_id: std::collections::BTreeMap<String, u32>,
+}
+
+fn null_as_empty<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Ok(<Option<T> as serde::Deserialize>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+impl WhisperConfig {
+    /// Reads one config file's JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut config: Self = serde_json::from_slice(bytes)?;
+        if config.lang_ids.is_empty() && !config.lang_to_id.is_empty() {
+            config.lang_ids = config.lang_to_id.values().copied().collect();
+            config.lang_ids.sort_unstable();
+        }
+        Ok(config)
+    }
+
+    /// `self`, with each list it lacks taken from `other` (a `generation_config.json` beside a
+    /// Transformers `config.json`).
+    pub fn or(mut self, other: WhisperConfig) -> Self {
+        let fill = |mine: &mut Vec<u32>, theirs: Vec<u32>| {
+            if mine.is_empty() {
+                *mine = theirs;
+            }
+        };
+        fill(&mut self.suppress_ids, other.suppress_ids);
+        fill(&mut self.suppress_ids_begin, other.suppress_ids_begin);
+        fill(&mut self.lang_ids, other.lang_ids);
+        if self.alignment_heads.is_empty() {
+            self.alignment_heads = other.alignment_heads;
+        }
+        self
+    }
 }
 
 /// The tokenizer and the special tokens the decoding rules use.
@@ -242,4 +283,31 @@ pub fn language_name(code: &str) -> &str {
 pub fn language_code(text: &str) -> Option<&'static str> {
     let text = text.trim().to_ascii_lowercase();
     LANGUAGE_NAMES.iter().find(|(c, name)| *c == text || *name == text).map(|(c, _)| *c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transformers_configs_fill_what_config_json_lacks() {
+        // Transformers' config.json: a null list, no languages or heads.
+        let config = WhisperConfig::from_json(
+            br#"{"d_model": 512, "suppress_tokens": null, "begin_suppress_tokens": [220]}"#,
+        )
+        .unwrap();
+        assert!(config.suppress_ids.is_empty());
+        assert_eq!(config.suppress_ids_begin, [220]);
+        let generation = WhisperConfig::from_json(
+            br#"{"suppress_tokens": [1, 2], "begin_suppress_tokens": [9], "alignment_heads": [[3, 1], [4, 2]],
+                 "lang_to_id": {"<|fr|>": 50265, "<|en|>": 50259}}"#,
+        )
+        .unwrap();
+        assert_eq!(generation.lang_ids, [50259, 50265], "lang_to_id's ids, in id order");
+        let merged = config.or(generation);
+        assert_eq!(merged.suppress_ids, [1, 2], "an empty list is filled");
+        assert_eq!(merged.suppress_ids_begin, [220], "a present one is kept");
+        assert_eq!(merged.alignment_heads, [(3, 1), (4, 2)]);
+        assert_eq!(merged.lang_ids, [50259, 50265]);
+    }
 }
