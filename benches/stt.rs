@@ -72,6 +72,10 @@ fn clips() -> Vec<Clip> {
 const BACKENDS: &[(&str, &str)] = &[
     ("candle", "preset = \"whisper-base\"\nsource = \"whisper-base-ct2\"\ndevice = \"cpu\"\n"),
     (
+        "candle int8 encoder",
+        "preset = \"whisper-base\"\nsource = \"whisper-base-ct2\"\ndevice = \"cpu\"\nencoder_weights = \"int8\"\n",
+    ),
+    (
         "whisper-cpp f16",
         "kind = \"stt\"\nsource = \"whisper-base-ggml\"\nfile = \"ggml-base.bin\"\ncpu_threads = 2\n",
     ),
@@ -103,6 +107,10 @@ async fn bench() {
     for (name, _) in BACKENDS {
         if name.starts_with("whisper-cpp") && !cfg!(feature = "whisper-cpp") {
             println!("{name}: skipped (build the bench with --features whisper-cpp)");
+            continue;
+        }
+        if name.contains("int8") && !hearth_backends::int8::available() {
+            println!("{name}: skipped (this CPU has no AVX-512 VNNI)");
             continue;
         }
         println!("Hearth, {name}, CPU");

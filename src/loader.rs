@@ -268,12 +268,14 @@ impl Loader {
         let started = match backend {
             SttBackend::WhisperCpp => self.whisper_cpp(config, stt, dir, options).await,
             _ => {
-                let (device, dtype, decoder) = (stt.weights.device, stt.weights.dtype, stt.decoder_weights);
+                let (device, dtype) = (stt.weights.device, stt.weights.dtype);
+                let kept =
+                    whisper::WhisperWeights { encoder: stt.encoder_weights, decoder: stt.decoder_weights };
                 let file = stt.file.clone();
                 Transcriber::start(Arc::clone(&config.id), options, Arc::clone(&self.pool), move || {
                     let root = ModelsRoot::new(&root)?;
                     let (model, vocab, loaded) =
-                        whisper::load(&dir, file.as_deref(), &root, device, dtype, decoder)?;
+                        whisper::load(&dir, file.as_deref(), &root, device, dtype, kept)?;
                     tracing::info!(
                         model = %id,
                         backend = "candle",
@@ -285,6 +287,7 @@ impl Loader {
                         languages = vocab.languages.len(),
                         dtype = ?loaded.dtype,
                         decoder_q8 = loaded.decoder_q8,
+                        encoder_int8 = loaded.encoder_int8,
                         device = %loaded.device,
                         "model loaded"
                     );

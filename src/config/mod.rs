@@ -24,9 +24,10 @@ use toml::Spanned;
 
 pub use self::auth::{ApiKey, AuthConfig, AuthOverrides, KeyClass, KeyDigest, RateLimits, Secret};
 pub use self::model::{
-    parse_source, DecoderWeights, EncoderBackend, EncoderConfig, KeepAlive, KindConfig, KvCacheType,
-    LlmConfig, ModelConfig, ModelSource, RerankConfig, ScoringChoice, SttBackend, SttConfig, TextConfig,
-    TtsConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES, DEFAULT_STT_FILES, DEFAULT_TTS_FILES,
+    parse_source, DecoderWeights, EncoderBackend, EncoderConfig, EncoderWeights, KeepAlive, KindConfig,
+    KvCacheType, LlmConfig, ModelConfig, ModelSource, RerankConfig, ScoringChoice, SttBackend, SttConfig,
+    TextConfig, TtsConfig, Weights, DEFAULT_ENCODER_FILES, DEFAULT_LLM_FILES, DEFAULT_STT_FILES,
+    DEFAULT_TTS_FILES,
 };
 
 /// A configuration problem: where, and what is wrong.

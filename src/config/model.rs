@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use hearth_backends::whisper::DecoderWeights;
+pub use hearth_backends::whisper::{DecoderWeights, EncoderWeights};
 use hearth_backends::{is_plain_relative, whisper, Architecture};
 use hearth_engine::encoder::BatchLimits;
 use hearth_engine::{DType, Device, ModelKind, Pooling};
@@ -74,7 +74,8 @@ pub(super) const LLM_KEYS: &[&str] = &[
 ];
 
 /// Options of `stt` entries.
-pub(super) const STT_KEYS: &[&str] = &["max_audio_secs", "backend", "file", "cpu_threads", "decoder_weights"];
+pub(super) const STT_KEYS: &[&str] =
+    &["max_audio_secs", "backend", "file", "cpu_threads", "decoder_weights", "encoder_weights"];
 
 /// Options of `tts` entries.
 pub(super) const TTS_KEYS: &[&str] = &[
@@ -239,6 +240,7 @@ struct RawStt {
     file: Option<String>,
     cpu_threads: Option<usize>,
     decoder_weights: Option<DecoderWeights>,
+    encoder_weights: Option<EncoderWeights>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -403,6 +405,8 @@ pub struct SttConfig {
     pub cpu_threads: Option<usize>,
     /// How candle keeps the decoder's matrices (`auto`: Q8_0 for f32 on the CPU).
     pub decoder_weights: DecoderWeights,
+    /// How candle keeps the encoder's matrices (`float`, or `int8` on a CPU with AVX-512 VNNI).
+    pub encoder_weights: EncoderWeights,
 }
 
 /// What runs a Whisper model.
@@ -895,6 +899,12 @@ fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
     if raw.cpu_threads == Some(0) {
         return Err(invalid(entry.field("cpu_threads"), "must be at least 1"));
     }
+    if raw.encoder_weights.is_some() && backend == SttBackend::WhisperCpp {
+        return Err(invalid(
+            entry.field("encoder_weights"),
+            "applies to the candle backend (a ggml file's types are its own)",
+        ));
+    }
     if raw.decoder_weights.is_some() && backend == SttBackend::WhisperCpp {
         return Err(invalid(
             entry.field("decoder_weights"),
@@ -908,6 +918,7 @@ fn parse_stt(entry: &Entry, raw: RawStt) -> Result<SttConfig, ConfigError> {
         file: raw.file,
         cpu_threads: raw.cpu_threads,
         decoder_weights: raw.decoder_weights.unwrap_or_default(),
+        encoder_weights: raw.encoder_weights.unwrap_or_default(),
     })
 }
 

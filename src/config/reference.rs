@@ -313,6 +313,11 @@ pub const MODEL_STT: Section = Section {
             "`\"auto\"`",
             "candle: `auto` (on the CPU in f32, the decoder's layer matrices in Q8_0 and its output projection in f16: the same transcripts, faster decoding), `float` (the model's dtype), `q8_0`.",
         ),
+        key(
+            "encoder_weights",
+            "`\"float\"`",
+            "candle: `float` (the model's dtype) or `int8` (f32 on a CPU with AVX-512 VNNI: the encoder's matrices in int8 per row, activations quantized per row on the fly as CTranslate2's int8 mode does; encoder windows about a fifth faster, but it changed a marginal clip's transcript, so it is not the default; an error on a CPU without VNNI).",
+        ),
     ],
 };
 

@@ -128,6 +128,10 @@ fn stt_entries_are_configured_and_checked() {
     let config = parse("decoder_weights = \"float\"").unwrap();
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.decoder_weights, hearth::config::DecoderWeights::Float);
+    assert_eq!(stt.encoder_weights, hearth::config::EncoderWeights::Float);
+    let config = parse("encoder_weights = \"int8\"").unwrap();
+    let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
+    assert_eq!(stt.encoder_weights, hearth::config::EncoderWeights::Int8);
     assert!(parse("").is_ok());
     for (bad, field) in [
         ("max_audio_secs = 0", "max_audio_secs"),
@@ -138,6 +142,8 @@ fn stt_entries_are_configured_and_checked() {
         ("cpu_threads = 0", "cpu_threads"),
         ("decoder_weights = \"int4\"", "decoder_weights"),
         ("backend = \"whisper-cpp\"\ndecoder_weights = \"q8_0\"", "decoder_weights"),
+        ("encoder_weights = \"int4\"", "encoder_weights"),
+        ("backend = \"whisper-cpp\"\nencoder_weights = \"int8\"", "encoder_weights"),
         ("pooling = \"mean\"", "pooling"),
         ("chat_template = \"x\"", "chat_template"),
     ] {

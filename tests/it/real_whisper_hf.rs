@@ -8,7 +8,9 @@
 use std::path::PathBuf;
 
 use hearth_backends::whisper::hf::sinusoids;
-use hearth_backends::whisper::{load, load_ct2_folder, read_vocab, CandleWhisper, DecoderWeights};
+use hearth_backends::whisper::{
+    load, load_ct2_folder, read_vocab, CandleWhisper, DecoderWeights, EncoderWeights, WhisperWeights,
+};
 use hearth_backends::ModelsRoot;
 use hearth_engine::transcribe::SpeechModel;
 use hearth_engine::{DType, Device};
@@ -31,7 +33,15 @@ fn folder() -> PathBuf {
 
 fn load_file(file: Option<&str>, decoder: DecoderWeights) -> CandleWhisper {
     let root = ModelsRoot::new(&models_root()).unwrap();
-    let (model, _, loaded) = load(&folder(), file, &root, Device::Cpu, DType::F32, decoder).unwrap();
+    let (model, _, loaded) = load(
+        &folder(),
+        file,
+        &root,
+        Device::Cpu,
+        DType::F32,
+        WhisperWeights { encoder: EncoderWeights::Float, decoder },
+    )
+    .unwrap();
     assert_eq!(
         loaded.format,
         if file.is_some_and(|f| f.ends_with(".gguf")) { "gguf" } else { "safetensors" }

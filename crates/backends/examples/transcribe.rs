@@ -32,6 +32,10 @@ fn main() -> Result<(), Error> {
     if std::env::var("HEARTH_WHISPER_DECODER").as_deref() != Ok("f32") {
         model.quantize_decoder()?;
     }
+    // HEARTH_WHISPER_ENCODER=int8: the encoder's matrices in int8 (AVX-512 VNNI only).
+    if std::env::var("HEARTH_WHISPER_ENCODER").as_deref() == Ok("int8") {
+        println!("int8 encoder: {}", model.quantize_encoder()?);
+    }
     run(model, &vocab, &files)
 }
 

@@ -11,6 +11,7 @@ pub mod decoder_source;
 pub mod device;
 pub mod error;
 pub mod gguf_tokenizer;
+pub mod int8;
 pub mod llm_vocab;
 pub mod model_dir;
 #[cfg(feature = "onnx")]

@@ -16,6 +16,7 @@ use candle_nn::{LayerNorm, Linear};
 use hearth_engine::transcribe::{SpeechModel, WhisperConfig, WhisperVocab};
 
 use crate::device::{resolved_device, select_device, select_dtype};
+use crate::int8::Int8Matrix;
 use crate::quant::QuantMatrix;
 use crate::{BackendError, ModelsRoot};
 use ct2::Ct2Model;
@@ -72,7 +73,15 @@ pub struct WhisperDims {
 /// one-row steps are bound by reading the weights: Q8_0 reads a quarter of f32's bytes).
 enum Proj {
     Float(Linear),
-    Q8 { weight: QuantMatrix, bias: Option<Vec<f32>> },
+    Q8 {
+        weight: QuantMatrix,
+        bias: Option<Vec<f32>>,
+    },
+    /// Int8 per row for the encoder's 1500-row products (AVX-512 VNNI; [`crate::int8`]).
+    Int8 {
+        weight: Int8Matrix,
+        bias: Option<Vec<f32>>,
+    },
 }
 
 impl From<Linear> for Proj {
@@ -96,21 +105,51 @@ impl Proj {
                 }
                 Tensor::from_vec(y, (rows, weight.rows()), x.device())?.to_dtype(x.dtype())
             }
+            Proj::Int8 { weight, bias } => {
+                let (rows, _) = x.dims2()?;
+                let input = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = weight.matmul(&input, rows);
+                if let Some(bias) = bias {
+                    for row in y.chunks_exact_mut(weight.rows()) {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
+                }
+                Tensor::from_vec(y, (rows, weight.rows()), x.device())?.to_dtype(x.dtype())
+            }
         }
     }
 
-    /// The same projection with Q8_0 weights (the bias stays f32).
-    fn quantized(self) -> Result<Self, BackendError> {
-        let Proj::Float(linear) = self else { return Ok(self) };
+    /// Float weights and bias as host f32 values.
+    fn host_weights(linear: &Linear) -> Result<HostLinear, BackendError> {
         let (n, k) = linear.weight().dims2()?;
         let weights = linear.weight().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let bias = match linear.bias() {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
+        Ok((weights, n, k, bias))
+    }
+
+    /// The same projection with int8 weights, where the CPU has VNNI (else unchanged).
+    fn int8(self) -> Result<Self, BackendError> {
+        let Proj::Float(linear) = &self else { return Ok(self) };
+        let (weights, n, k, bias) = Self::host_weights(linear)?;
+        Ok(match Int8Matrix::from_f32(&weights, n, k)? {
+            Some(weight) => Proj::Int8 { weight, bias },
+            None => self,
+        })
+    }
+
+    /// The same projection with Q8_0 weights (the bias stays f32).
+    fn quantized(self) -> Result<Self, BackendError> {
+        let Proj::Float(linear) = self else { return Ok(self) };
+        let (weights, n, k, bias) = Self::host_weights(&linear)?;
         Ok(Proj::Q8 { weight: QuantMatrix::q8_0_from_f32(&weights, n, k, true)?, bias })
     }
 }
+
+/// A projection's weights `[n, k]` row-major on the host, `n`, `k`, and its bias.
+type HostLinear = (Vec<f32>, usize, usize, Option<Vec<f32>>);
 
 /// The token embedding, which is also the output projection (tied).
 enum TokenEmbedding {
@@ -463,6 +502,36 @@ impl CandleWhisper {
         Ok(())
     }
 
+    /// Turns the encoder's projections and MLP matrices into int8 (per output row; activations
+    /// per input row on the fly: CTranslate2's int8 arithmetic), where the CPU has AVX-512 VNNI;
+    /// returns whether it did. The encoder's 1500-row products are bound by arithmetic, where
+    /// VNNI's byte products are 4× f32's per instruction. CPU and f32 only.
+    pub fn quantize_encoder(&mut self) -> Result<bool, BackendError> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Err(BackendError::Unsupported("int8 encoder weights are for f32 on the CPU".into()));
+        }
+        if !crate::int8::available() {
+            return Ok(false);
+        }
+        let take = |proj: &mut Proj| -> Result<(), BackendError> {
+            let float = std::mem::replace(proj, Proj::Q8 { weight: QuantMatrix::empty(), bias: None });
+            *proj = float.int8()?;
+            Ok(())
+        };
+        for block in &mut self.encoder {
+            take(&mut block.attn.qkv)?;
+            take(&mut block.attn.out)?;
+            take(&mut block.mlp.fc1)?;
+            take(&mut block.mlp.fc2)?;
+        }
+        Ok(true)
+    }
+
+    /// Whether the encoder's matrices are int8.
+    pub fn encoder_int8(&self) -> bool {
+        self.encoder.first().is_some_and(|b| matches!(b.mlp.fc1, Proj::Int8 { .. }))
+    }
+
     /// The encoder's output for one window of log-mel (`[n_mels × 3000]`), `[1500, d]`.
     pub fn encoder_output(&self, mel: &[f32]) -> candle_core::Result<Tensor> {
         let mel = Tensor::from_slice(mel, (1, self.dims.n_mels, WINDOW_FRAMES), &self.device)?
@@ -677,6 +746,8 @@ pub struct LoadedWhisper {
     pub dtype: DType,
     /// Whether the decoder's matrices are Q8_0.
     pub decoder_q8: bool,
+    /// Whether the encoder's matrices are int8.
+    pub encoder_int8: bool,
     /// The weights' format: `ctranslate2`, `safetensors` or `gguf`.
     pub format: &'static str,
 }
@@ -802,6 +873,25 @@ pub fn weight_files(dir: &Path, file: Option<&str>, root: &ModelsRoot) -> Result
     }
 }
 
+/// How the encoder's matrices are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderWeights {
+    /// The model's dtype.
+    #[default]
+    Float,
+    /// int8 per row (f32 on a CPU with AVX-512 VNNI only): encoder windows about a fifth faster,
+    /// at a cost in accuracy that made it opt-in (benches/README.md).
+    Int8,
+}
+
+/// How the loaded model keeps its matrices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WhisperWeights {
+    pub encoder: EncoderWeights,
+    pub decoder: DecoderWeights,
+}
+
 /// Loads the Whisper folder `dir` (CTranslate2, Transformers safetensors or GGUF, or the `file`
 /// named), which must lie inside `root` (as must the files it reads), on the configured device
 /// and dtype (`auto`: f32 on the CPU, f16 on GPUs). GGUF's quantized matrices are widened to
@@ -812,7 +902,7 @@ pub fn load(
     root: &ModelsRoot,
     device: hearth_engine::Device,
     dtype: hearth_engine::DType,
-    decoder: DecoderWeights,
+    weights_kept: WhisperWeights,
 ) -> Result<(CandleWhisper, WhisperVocab, LoadedWhisper), BackendError> {
     let missing = |what: &str| BackendError::Missing { dir: dir.to_owned(), what: what.into() };
     let dir = root.existing(dir)?.ok_or_else(|| missing("anything (it does not exist)"))?;
@@ -844,19 +934,26 @@ pub fn load(
             (CandleWhisper::from_weights(&source, candle_device, dtype)?, "gguf")
         }
     };
-    let quantize = match decoder {
-        DecoderWeights::Auto => model.device.is_cpu() && dtype == DType::F32,
+    let host_f32 = model.device.is_cpu() && dtype == DType::F32;
+    let quantize = match weights_kept.decoder {
+        DecoderWeights::Auto => host_f32,
         DecoderWeights::Float => false,
         DecoderWeights::Q8_0 => true,
     };
     if quantize {
         model.quantize_decoder()?;
     }
+    if weights_kept.encoder == EncoderWeights::Int8 && !model.quantize_encoder()? {
+        return Err(BackendError::Unsupported(
+            "`encoder_weights = \"int8\"` needs a CPU with AVX-512 VNNI, which this one lacks".into(),
+        ));
+    }
     let loaded = LoadedWhisper {
         dims: model.dims,
         device: resolved_device(&model.device),
         dtype,
         decoder_q8: model.decoder_q8(),
+        encoder_int8: model.encoder_int8(),
         format,
     };
     Ok((model, vocab, loaded))
