@@ -405,7 +405,7 @@ pub struct SttConfig {
     pub cpu_threads: Option<usize>,
     /// How candle keeps the decoder's matrices (`auto`: Q8_0 for f32 on the CPU).
     pub decoder_weights: DecoderWeights,
-    /// How candle keeps the encoder's matrices (`float`, or `int8` on a CPU with AVX-512 VNNI).
+    /// How candle keeps the encoder's matrices (`auto`: int8 for f32 on a CPU with AVX-512 VNNI).
     pub encoder_weights: EncoderWeights,
 }
 

@@ -128,7 +128,7 @@ fn stt_entries_are_configured_and_checked() {
     let config = parse("decoder_weights = \"float\"").unwrap();
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.decoder_weights, hearth::config::DecoderWeights::Float);
-    assert_eq!(stt.encoder_weights, hearth::config::EncoderWeights::Float);
+    assert_eq!(stt.encoder_weights, hearth::config::EncoderWeights::Auto);
     let config = parse("encoder_weights = \"int8\"").unwrap();
     let hearth::config::KindConfig::Stt(stt) = &config.models[0].options else { panic!("not stt") };
     assert_eq!(stt.encoder_weights, hearth::config::EncoderWeights::Int8);

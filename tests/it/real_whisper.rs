@@ -153,9 +153,10 @@ fn the_q8_0_decoder_decodes_ctranslate2s_greedy_tokens() {
     assert_decodes_ctranslate2s_tokens(&mut model, &vocab, 0.01);
 }
 
-/// The encoder with int8 matrices (`encoder_weights = "int8"`, AVX-512 VNNI), with the Q8_0
-/// decoder: its output stays close to the float encoder's (measured: cosine 0.9943) and it decodes
-/// CTranslate2's greedy tokens on the reference window.
+/// The encoder with int8 matrices (the CPU default where AVX-512 VNNI is there,
+/// `encoder_weights = "auto"`), with the Q8_0 decoder: its output stays close to the float
+/// encoder's (measured: cosine 0.9975; 0.9943 with one activation scale per row, which changed
+/// the AAC clip's transcript) and it decodes CTranslate2's greedy tokens on the reference window.
 #[test]
 fn the_int8_encoder_decodes_ctranslate2s_greedy_tokens() {
     let (mut model, vocab) = load_ct2_folder(&model_dir(), Device::Cpu, DType::F32).unwrap();
@@ -166,11 +167,23 @@ fn the_int8_encoder_decodes_ctranslate2s_greedy_tokens() {
         return;
     }
     assert!(model.encoder_int8());
+    // What a config without `encoder_weights` loads (the router's tests here run on it).
+    let root = hearth_backends::ModelsRoot::new(&models_root()).unwrap();
+    let (served, _, loaded) = hearth_backends::whisper::load(
+        &model_dir(),
+        None,
+        &root,
+        hearth_engine::Device::Cpu,
+        hearth_engine::DType::Auto,
+        Default::default(),
+    )
+    .unwrap();
+    assert!(served.encoder_int8() && loaded.encoder_int8 && loaded.decoder_q8);
     let int8 = model.encoder_output(&window).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>();
     let cosine = dot(&float, &int8) / (dot(&float, &float) * dot(&int8, &int8)).sqrt();
     eprintln!("int8 encoder output: cosine {cosine:.5} to the float one");
-    assert!(cosine > 0.99, "cosine {cosine}");
+    assert!(cosine > 0.996, "cosine {cosine}");
     model.quantize_decoder().unwrap();
     assert_decodes_ctranslate2s_tokens(&mut model, &vocab, 0.02);
 }

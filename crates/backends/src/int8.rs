@@ -1,17 +1,21 @@
 //! Int8 matrix products for many-row inputs on CPUs with AVX-512 VNNI (Whisper's encoder: 1500
 //! rows a window, bound by arithmetic, where f32 GEMM is half of the time).
 //!
-//! The arithmetic is CTranslate2's int8 mode: weights quantized once per output row (symmetric,
-//! `s_w = max|w| / 127`), activations per input row on the fly (`s_x = max|x| / 127`, rounded to
-//! nearest-even), integer products summed exactly in i32, one scale at the end:
-//! `y = s_x · s_w · Σ q_x q_w`. `vpdpbusd` multiplies unsigned by signed bytes, so the activations
-//! are shifted by 128 into `u8` and `128 · Σ q_w` (kept per weight row) is subtracted again.
+//! The arithmetic is CTranslate2's int8 mode with finer activation scales: weights quantized once
+//! per output row (symmetric, `s_w = max|w| / 127`), activations on the fly per block of 128
+//! inputs of a row (`s_x = max|x| / 127`, rounded to nearest-even; one outlier channel then
+//! coarsens its own block, not the whole row), each block's integer products summed exactly in
+//! i32 and scaled into an f32 sum, the weight scale applied at the end:
+//! `y = s_w · Σ_blocks s_x · Σ q_x q_w`. `vpdpbusd` multiplies unsigned by signed bytes, so the
+//! activations are shifted by 128 into `u8` and `128 · Σ q_w` (kept per weight row and block) is
+//! subtracted again.
 //!
 //! Layout: the weights are packed in panels of 16 output rows, 4 inputs deep (`[n/16][k/4][16][4]`
-//! bytes), so one 64-byte load feeds one `vpdpbusd` for 16 outputs; a tile of 4 input rows × 64
-//! outputs keeps 16 accumulators in registers and is scaled and stored from there. Rows are split
-//! across rayon's pool 32 at a time (each task quantizes its own rows and writes its own outputs).
-//! Each output is computed the same way whatever the number of rows or the tile it falls in.
+//! bytes), so one 64-byte load feeds one `vpdpbusd` for 16 outputs; a tile of 3 input rows × 64
+//! outputs keeps its integer and float accumulators in registers and is scaled and stored from
+//! there. Rows are split across rayon's pool 30 at a time (each task quantizes its own rows and
+//! writes its own outputs). Each output is computed the same way whatever the number of rows or
+//! the tile it falls in.
 
 use rayon::prelude::*;
 
@@ -21,9 +25,12 @@ use crate::error::BackendError;
 const PANEL: usize = 16;
 const TILE_PANELS: usize = 4;
 const TILE_COLUMNS: usize = PANEL * TILE_PANELS;
-/// Input rows per tile, and per rayon task.
-const TILE_ROWS: usize = 4;
-const ROWS_PER_TASK: usize = 32;
+/// Input rows per tile (3 rows × 4 panels: 12 integer and 12 float accumulators in registers),
+/// and per rayon task.
+const TILE_ROWS: usize = 3;
+const ROWS_PER_TASK: usize = 30;
+/// Inputs sharing one activation scale.
+const BLOCK: usize = 128;
 
 /// Whether this CPU has the instructions [`Int8Matrix`] needs (AVX-512 F/BW and VNNI).
 pub fn available() -> bool {
@@ -45,10 +52,13 @@ pub struct Int8Matrix {
     k: usize,
     /// `k` rounded up to a multiple of 4 (padding weights are zero).
     k4: usize,
+    /// Activation blocks per row (`k4 / BLOCK`, rounded up).
+    blocks: usize,
     /// Panels of the `n` outputs rounded up to a whole tile (padding rows are zero).
     packed: Vec<i8>,
+    /// Per output row (padded to whole tiles with zeros).
     scales: Vec<f32>,
-    /// `128 · Σ_k q_w` per output row.
+    /// `128 · Σ q_w` over each activation block, `[blocks][n padded]`.
     offsets: Vec<i32>,
 }
 
@@ -65,25 +75,23 @@ impl Int8Matrix {
             return Ok(None);
         }
         let k4 = k.div_ceil(4) * 4;
+        let blocks = k4.div_ceil(BLOCK);
         let n_padded = n.div_ceil(TILE_COLUMNS) * TILE_COLUMNS;
         let mut packed = vec![0i8; n_padded * k4];
-        let mut scales = vec![0f32; n];
-        let mut offsets = vec![0i32; n];
+        let mut scales = vec![0f32; n_padded];
+        let mut offsets = vec![0i32; blocks * n_padded];
         for (row, w) in weights.chunks_exact(k).enumerate() {
             let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
             let inverse = if amax == 0.0 { 0.0 } else { 127.0 / amax };
             let (panel, lane) = (row / PANEL, row % PANEL);
-            let mut sum = 0i32;
             for (i, &v) in w.iter().enumerate() {
                 let q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(q);
+                offsets[(i / BLOCK) * n_padded + row] += 128 * i32::from(q);
                 packed[panel * k4 * PANEL + (i / 4) * PANEL * 4 + lane * 4 + i % 4] = q;
             }
-            scales[row] = scale;
-            offsets[row] = 128 * sum;
+            scales[row] = amax / 127.0;
         }
-        Ok(Some(Self { n, k, k4, packed, scales, offsets }))
+        Ok(Some(Self { n, k, k4, blocks, packed, scales, offsets }))
     }
 
     pub fn rows(&self) -> usize {
@@ -101,20 +109,25 @@ impl Int8Matrix {
         if m == 0 {
             return y;
         }
-        let (k, k4, n) = (self.k, self.k4, self.n);
+        let (k, k4, n, blocks) = (self.k, self.k4, self.n, self.blocks);
         y.par_chunks_mut(ROWS_PER_TASK * n).zip(x.par_chunks(ROWS_PER_TASK * k)).for_each(|(y, x)| {
             let rows = x.len() / k;
             let mut activations = vec![128u8; rows * k4];
-            let mut row_scales = vec![0f32; rows];
-            for ((out, scale), x) in
-                activations.chunks_exact_mut(k4).zip(&mut row_scales).zip(x.chunks_exact(k))
+            let mut row_scales = vec![0f32; rows * blocks];
+            for ((out, scales), x) in activations
+                .chunks_exact_mut(k4)
+                .zip(row_scales.chunks_exact_mut(blocks))
+                .zip(x.chunks_exact(k))
             {
-                // SAFETY: `available()` held when the matrix was built (`from_f32` returns None
-                // otherwise); `out` holds at least `k` bytes.
-                *scale = unsafe { quantize_row(x, out) };
+                for ((out, scale), x) in out.chunks_mut(BLOCK).zip(scales.iter_mut()).zip(x.chunks(BLOCK)) {
+                    // SAFETY: `available()` held when the matrix was built (`from_f32` returns
+                    // None otherwise); `out` holds at least `x.len()` bytes.
+                    *scale = unsafe { quantize_block(x, out) };
+                }
             }
-            // SAFETY: as above; `activations` holds `rows` rows of `k4` bytes, `y` `rows` rows of
-            // `n` values, and `packed`, `scales` and `offsets` cover whole tiles of outputs.
+            // SAFETY: as above; `activations` holds `rows` rows of `k4` bytes, `row_scales`
+            // `rows × blocks` scales, `y` `rows` rows of `n` values, and `packed`, `scales` and
+            // `offsets` cover whole tiles of outputs.
             unsafe { self.rows_product(&activations, &row_scales, rows, y) };
         });
         y
@@ -124,23 +137,23 @@ impl Int8Matrix {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn rows_product(&self, a: &[u8], row_scales: &[f32], rows: usize, y: &mut [f32]) {
-        let blocks = self.packed.len() / (self.k4 * TILE_COLUMNS);
-        for block in 0..blocks {
+        let tiles = self.packed.len() / (self.k4 * TILE_COLUMNS);
+        for tile in 0..tiles {
             let mut row = 0;
             while row + TILE_ROWS <= rows {
-                self.tile::<TILE_ROWS>(a, row_scales, row, block, y);
+                self.tile::<TILE_ROWS>(a, row_scales, row, tile, y);
                 row += TILE_ROWS;
             }
             match rows - row {
-                3 => self.tile::<3>(a, row_scales, row, block, y),
-                2 => self.tile::<2>(a, row_scales, row, block, y),
-                1 => self.tile::<1>(a, row_scales, row, block, y),
+                2 => self.tile::<2>(a, row_scales, row, tile, y),
+                1 => self.tile::<1>(a, row_scales, row, tile, y),
                 _ => {}
             }
         }
     }
 
-    /// Outputs `64·block ..` of rows `row .. row + R`: `s_x · s_w · (Σ (q_x + 128) q_w − 128 Σ q_w)`.
+    /// Outputs `64·tile ..` of rows `row .. row + R`:
+    /// `s_w · Σ_blocks s_x · (Σ (q_x + 128) q_w − 128 Σ q_w)`, each block's integer sum exact.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
@@ -150,27 +163,40 @@ impl Int8Matrix {
         a: &[u8],
         row_scales: &[f32],
         row: usize,
-        block: usize,
+        tile: usize,
         y: &mut [f32],
     ) {
         use std::arch::x86_64::*;
-        let k4 = self.k4;
-        let mut acc = [[_mm512_setzero_si512(); TILE_PANELS]; R];
+        let (k4, blocks) = (self.k4, self.blocks);
+        let n_padded = self.scales.len();
+        let first = tile * TILE_COLUMNS;
+        let mut sums = [[_mm512_setzero_ps(); TILE_PANELS]; R];
         let rows: [*const u8; R] = std::array::from_fn(|r| a.as_ptr().add((row + r) * k4));
-        let w = self.packed.as_ptr().add(block * k4 * TILE_COLUMNS);
+        let w = self.packed.as_ptr().add(tile * k4 * TILE_COLUMNS);
         let panel_stride = k4 * PANEL;
-        for step in 0..k4 / 4 {
-            let b: [__m512i; TILE_PANELS] = std::array::from_fn(|p| {
-                _mm512_loadu_si512(w.add(p * panel_stride + step * PANEL * 4) as *const _)
-            });
-            for r in 0..R {
-                let x = _mm512_set1_epi32((rows[r].add(step * 4) as *const i32).read_unaligned());
-                for p in 0..TILE_PANELS {
-                    acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], x, b[p]);
+        for block in 0..blocks {
+            let mut acc = [[_mm512_setzero_si512(); TILE_PANELS]; R];
+            for step in block * BLOCK / 4..((block + 1) * BLOCK / 4).min(k4 / 4) {
+                let b: [__m512i; TILE_PANELS] = std::array::from_fn(|p| {
+                    _mm512_loadu_si512(w.add(p * panel_stride + step * PANEL * 4) as *const _)
+                });
+                for r in 0..R {
+                    let x = _mm512_set1_epi32((rows[r].add(step * 4) as *const i32).read_unaligned());
+                    for p in 0..TILE_PANELS {
+                        acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], x, b[p]);
+                    }
+                }
+            }
+            let offsets = self.offsets.as_ptr().add(block * n_padded + first);
+            for p in 0..TILE_PANELS {
+                let offset = _mm512_loadu_si512(offsets.add(p * PANEL) as *const _);
+                for r in 0..R {
+                    let scale = _mm512_set1_ps(row_scales[(row + r) * blocks + block]);
+                    let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offset));
+                    sums[r][p] = _mm512_fmadd_ps(scale, exact, sums[r][p]);
                 }
             }
         }
-        let first = block * TILE_COLUMNS;
         for p in 0..TILE_PANELS {
             let column = first + p * PANEL;
             if column >= self.n {
@@ -178,13 +204,10 @@ impl Int8Matrix {
             }
             let live = (self.n - column).min(PANEL);
             let mask: __mmask16 = if live == PANEL { 0xFFFF } else { (1u16 << live) - 1 };
-            let scales = _mm512_maskz_loadu_ps(mask, self.scales.as_ptr().add(column));
-            let offsets = _mm512_maskz_loadu_epi32(mask, self.offsets.as_ptr().add(column));
+            let scales = _mm512_loadu_ps(self.scales.as_ptr().add(column));
             for r in 0..R {
-                let sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], offsets));
-                let scale = _mm512_mul_ps(_mm512_set1_ps(row_scales[row + r]), scales);
                 let out = y.as_mut_ptr().add((row + r) * self.n + column);
-                _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(scale, sums));
+                _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(scales, sums[r][p]));
             }
         }
     }
@@ -195,11 +218,11 @@ impl Int8Matrix {
     }
 }
 
-/// One row of activations as `u8` (`q + 128`, `q = round(x / s)` to nearest-even,
+/// One block of activations as `u8` (`q + 128`, `q = round(x / s)` to nearest-even,
 /// `s = max|x| / 127`) into `out`; returns `s`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
+unsafe fn quantize_block(x: &[f32], out: &mut [u8]) -> f32 {
     use std::arch::x86_64::*;
     let chunks = x.len().div_ceil(16);
     let mask = |i: usize| -> __mmask16 {
@@ -227,7 +250,7 @@ unsafe fn quantize_row(x: &[f32], out: &mut [u8]) -> f32 {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn quantize_row(_: &[f32], _: &mut [u8]) -> f32 {
+unsafe fn quantize_block(_: &[f32], _: &mut [u8]) -> f32 {
     unreachable!("Int8Matrix is built only where AVX-512 VNNI is available")
 }
 
@@ -254,7 +277,8 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 VNNI (Int8Matrix is never built here)");
             return;
         }
-        for (m, n, k) in [(1, 16, 4), (7, 70, 30), (13, 130, 512), (5, 64, 2048), (70, 40, 36)] {
+        for (m, n, k) in [(1, 16, 4), (7, 70, 30), (13, 130, 512), (5, 64, 2048), (70, 40, 36), (4, 20, 300)]
+        {
             let mut rand = xorshift(m as u64 * 1000 + n as u64);
             let w: Vec<f32> = (0..n * k).map(|_| rand()).collect();
             let mut x: Vec<f32> = (0..m * k).map(|_| rand() * 3.0).collect();
@@ -268,14 +292,17 @@ mod tests {
             };
             let mut worst = 0f32;
             for i in 0..m {
-                let (sx, qx) = quantize(&x[i * k..(i + 1) * k]);
+                let xi = &x[i * k..(i + 1) * k];
+                let blocks: Vec<(f32, Vec<i64>)> = xi.chunks(BLOCK).map(quantize).collect();
                 for j in 0..n {
                     let (sw, qw) = quantize(&w[j * k..(j + 1) * k]);
-                    let exact: i64 = qx.iter().zip(&qw).map(|(a, b)| a * b).sum();
-                    let expected = sx * sw * exact as f32;
-                    assert_eq!(y[i * n + j], expected, "[{m}x{k}]·[{n}x{k}]ᵀ at ({i}, {j})");
-                    let float: f32 =
-                        x[i * k..(i + 1) * k].iter().zip(&w[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
+                    let mut sum = 0f32;
+                    for (b, (sx, qx)) in blocks.iter().enumerate() {
+                        let exact: i64 = qx.iter().zip(&qw[b * BLOCK..]).map(|(a, b)| a * b).sum();
+                        sum = sx.mul_add(exact as f32, sum);
+                    }
+                    assert_eq!(y[i * n + j], sw * sum, "[{m}x{k}]·[{n}x{k}]ᵀ at ({i}, {j})");
+                    let float: f32 = xi.iter().zip(&w[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
                     worst = worst.max((y[i * n + j] - float).abs() / (k as f32).sqrt());
                 }
             }

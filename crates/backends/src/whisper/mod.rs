@@ -95,26 +95,10 @@ impl Proj {
         match self {
             Proj::Float(linear) => project(linear, x),
             Proj::Q8 { weight, bias } => {
-                let (rows, _) = x.dims2()?;
-                let input = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = weight.matmul(&input, rows);
-                if let Some(bias) = bias {
-                    for row in y.chunks_exact_mut(weight.rows()) {
-                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                    }
-                }
-                Tensor::from_vec(y, (rows, weight.rows()), x.device())?.to_dtype(x.dtype())
+                host_product(x, weight.rows(), bias.as_deref(), |v, m| weight.matmul(v, m))
             }
             Proj::Int8 { weight, bias } => {
-                let (rows, _) = x.dims2()?;
-                let input = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = weight.matmul(&input, rows);
-                if let Some(bias) = bias {
-                    for row in y.chunks_exact_mut(weight.rows()) {
-                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                    }
-                }
-                Tensor::from_vec(y, (rows, weight.rows()), x.device())?.to_dtype(x.dtype())
+                host_product(x, weight.rows(), bias.as_deref(), |v, m| weight.matmul(v, m))
             }
         }
     }
@@ -146,6 +130,24 @@ impl Proj {
         let (weights, n, k, bias) = Self::host_weights(&linear)?;
         Ok(Proj::Q8 { weight: QuantMatrix::q8_0_from_f32(&weights, n, k, true)?, bias })
     }
+}
+
+/// `x · Wᵀ + b` through a host kernel `product(x values, rows) -> rows × n values`.
+fn host_product(
+    x: &Tensor,
+    n: usize,
+    bias: Option<&[f32]>,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    let input = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = product(&input, rows);
+    if let Some(bias) = bias {
+        for row in y.chunks_exact_mut(n) {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        }
+    }
+    Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(x.dtype())
 }
 
 /// A projection's weights `[n, k]` row-major on the host, `n`, `k`, and its bias.
@@ -503,7 +505,7 @@ impl CandleWhisper {
     }
 
     /// Turns the encoder's projections and MLP matrices into int8 (per output row; activations
-    /// per input row on the fly: CTranslate2's int8 arithmetic), where the CPU has AVX-512 VNNI;
+    /// per 128-input block on the fly: [`crate::int8`]), where the CPU has AVX-512 VNNI;
     /// returns whether it did. The encoder's 1500-row products are bound by arithmetic, where
     /// VNNI's byte products are 4× f32's per instruction. CPU and f32 only.
     pub fn quantize_encoder(&mut self) -> Result<bool, BackendError> {
@@ -877,11 +879,13 @@ pub fn weight_files(dir: &Path, file: Option<&str>, root: &ModelsRoot) -> Result
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EncoderWeights {
-    /// The model's dtype.
+    /// int8 for f32 on a CPU with AVX-512 VNNI (faster encoder windows at the same test
+    /// transcripts: benches/README.md), the model's dtype elsewhere.
     #[default]
+    Auto,
+    /// The model's dtype.
     Float,
-    /// int8 per row (f32 on a CPU with AVX-512 VNNI only): encoder windows about a fifth faster,
-    /// at a cost in accuracy that made it opt-in (benches/README.md).
+    /// int8 (f32 on a CPU with AVX-512 VNNI only; an error elsewhere).
     Int8,
 }
 
@@ -943,10 +947,18 @@ pub fn load(
     if quantize {
         model.quantize_decoder()?;
     }
-    if weights_kept.encoder == EncoderWeights::Int8 && !model.quantize_encoder()? {
-        return Err(BackendError::Unsupported(
-            "`encoder_weights = \"int8\"` needs a CPU with AVX-512 VNNI, which this one lacks".into(),
-        ));
+    match weights_kept.encoder {
+        EncoderWeights::Auto if host_f32 => {
+            model.quantize_encoder()?;
+        }
+        EncoderWeights::Auto | EncoderWeights::Float => {}
+        EncoderWeights::Int8 => {
+            if !model.quantize_encoder()? {
+                return Err(BackendError::Unsupported(
+                    "`encoder_weights = \"int8\"` needs a CPU with AVX-512 VNNI, which this one lacks".into(),
+                ));
+            }
+        }
     }
     let loaded = LoadedWhisper {
         dims: model.dims,
