@@ -103,6 +103,13 @@ impl Proj {
         }
     }
 
+    /// Replaces `self` in place by `convert(self)`.
+    fn convert(&mut self, convert: fn(Proj) -> Result<Proj, BackendError>) -> Result<(), BackendError> {
+        let taken = std::mem::replace(self, Proj::Q8 { weight: QuantMatrix::empty(), bias: None });
+        *self = convert(taken)?;
+        Ok(())
+    }
+
     /// Float weights and bias as host f32 values.
     fn host_weights(linear: &Linear) -> Result<HostLinear, BackendError> {
         let (n, k) = linear.weight().dims2()?;
@@ -483,11 +490,7 @@ impl CandleWhisper {
         if !self.device.is_cpu() || self.dtype != DType::F32 {
             return Err(BackendError::Unsupported("Q8_0 decoder weights are for f32 on the CPU".into()));
         }
-        let take = |proj: &mut Proj| -> Result<(), BackendError> {
-            let float = std::mem::replace(proj, Proj::Q8 { weight: QuantMatrix::empty(), bias: None });
-            *proj = float.quantized()?;
-            Ok(())
-        };
+        let take = |proj: &mut Proj| proj.convert(Proj::quantized);
         for block in &mut self.decoder {
             take(&mut block.attn.qkv)?;
             take(&mut block.attn.out)?;
@@ -515,11 +518,7 @@ impl CandleWhisper {
         if !crate::int8::available() {
             return Ok(false);
         }
-        let take = |proj: &mut Proj| -> Result<(), BackendError> {
-            let float = std::mem::replace(proj, Proj::Q8 { weight: QuantMatrix::empty(), bias: None });
-            *proj = float.int8()?;
-            Ok(())
-        };
+        let take = |proj: &mut Proj| proj.convert(Proj::int8);
         for block in &mut self.encoder {
             take(&mut block.attn.qkv)?;
             take(&mut block.attn.out)?;
