@@ -1,12 +1,17 @@
 //! `cargo bench --bench llm`: chat/completions speed on the real SmolLM2-135M-Instruct Q4_1 GGUF,
 //! through Hearth's real path (config, loader, `Generator`, the decode-step scheduler), on the CPU,
-//! beside llama.cpp on the same file in the same run (`benches/peers/llm_llamacpp.py`, when set up):
+//! beside llama.cpp on the same file in the same run (`benches/peers/llm_llamacpp.py`, when set up;
+//! it measures the same five figures, its 8 streams as 8 sequences batched in one context):
 //!
 //! 1. decode tokens/s of one greedy stream (128 tokens after "Once upon a time", median of 3);
 //! 2. aggregate tokens/s of 8 concurrent streams (128 tokens each), and its ratio to one stream;
 //! 3. time to first token for a 512-token prompt (prefix cache off, median of 3);
 //! 4. decode tokens/s over 32 tokens after prompts of 128, 1,024 and 4,096 tokens;
-//! 5. peak RSS.
+//! 5. peak RSS;
+//! 6. chat beside embeddings in the same process: one greedy stream while an embedder
+//!    (all-MiniLM-L6-v2 on candle, its own owner thread) embeds batches of 32 new sentences, each
+//!    model's rate beside the other over its rate alone (the LLM computes on its own thread pool,
+//!    the encoder on candle's, so both progress at once; on 2 cores they share them).
 //!
 //! Results go to `benches/results/llm.json`. Environment: `HEARTH_MODELS_DIR` (default
 //! `~/.cache/hearth/models`), `HEARTH_LLM_PEER_PYTHON` (default
@@ -22,6 +27,7 @@ use std::time::Instant;
 use hearth::config::{default_models_dir, Config, Overrides};
 use hearth::server::load_models;
 use hearth::state::AppState;
+use hearth_engine::embed::{Embed, EmbedInput, Embedder};
 use hearth_engine::generate::sampler::SamplingParams;
 use hearth_engine::generate::scheduler::Event;
 use hearth_engine::generate::service::{
@@ -37,6 +43,7 @@ const MODEL: &str = "smollm2-135m-instruct";
 const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const FILLER: &str = "the quick brown fox jumps over the lazy dog ";
 const STREAMS: usize = 8;
+const EMBEDDER: &str = "all-minilm-l6-v2";
 
 fn main() {
     common::run(bench());
@@ -103,20 +110,32 @@ async fn bench() {
     let rss = peak_rss_mib();
     println!("  peak RSS: {rss:.0} MiB");
 
+    let beside = beside_embeddings(&state, &generator, &start, decode).await;
+
     let hearth = json!({
         "decode_tok_s": round(decode, 1),
         "aggregate_tok_s_8_streams": round(aggregate, 1),
         "aggregate_over_single": round(aggregate / decode, 2),
         "ttft_512_s": round(ttft, 3),
-        "decode_at_context_tok_s": at_context,
+        "decode_at_context_tok_s": at_context.clone(),
         "peak_rss_mib": round(rss, 0),
+        "beside_an_embedder": beside,
     });
     let peer = match run_peer(&gguf) {
         Ok(report) => {
             let ratio = |ours: f64, key: &str| report[key].as_f64().map(|theirs| round(ours / theirs, 2));
+            let at = |n: usize| {
+                let theirs = report["decode_at_context_tok_s"][n.to_string()].as_f64();
+                let ours = at_context.get(&n.to_string()).and_then(Value::as_f64);
+                ours.zip(theirs).map(|(ours, theirs)| round(ours / theirs, 2))
+            };
             let ratios = json!({
                 "decode": ratio(decode, "decode_tok_s"),
+                "aggregate_8_streams": ratio(aggregate, "aggregate_tok_s_8_sequences"),
                 "ttft_512 (lower is better)": ratio(ttft, "ttft_512_s"),
+                "decode_after_128": at(128),
+                "decode_after_1024": at(1024),
+                "decode_after_4096": at(4096),
             });
             println!("  llama.cpp: {report}\n  Hearth / llama.cpp: {ratios}");
             json!({ "report": report, "hearth_over_peer": ratios })
@@ -145,7 +164,8 @@ async fn bench() {
 
 async fn load(models_dir: &Path) -> AppState {
     let toml = format!(
-        "models_dir = \"{}\"\n[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{MODEL}\"\ndevice = \"cpu\"\nprefix_cache = false\nkv_cache_mib = 1024\n",
+        "models_dir = \"{}\"\n[[models]]\nid = \"{MODEL}\"\npreset = \"{MODEL}\"\nsource = \"{MODEL}\"\ndevice = \"cpu\"\nprefix_cache = false\nkv_cache_mib = 1024\n\
+         [[models]]\nid = \"{EMBEDDER}\"\nkind = \"embedding\"\nsource = \"{EMBEDDER}\"\ndevice = \"cpu\"\nbackend = \"candle\"\n",
         models_dir.display()
     );
     let config = Config::parse(&toml, None, &Overrides::default()).expect("the bench config is valid");
@@ -163,6 +183,74 @@ fn generator(state: &AppState) -> Arc<Generator> {
         LoadState::Failed(message) => panic!("{MODEL} failed to load: {message}"),
         _ => panic!("{MODEL} is not ready"),
     }
+}
+
+/// Sentences/s of the embedder over `seconds`, 32 new sentences a request, while `busy` is unset
+/// or until it is set (then the count so far).
+async fn embed_for(embedder: &Embedder, seconds: f64, busy: Option<&std::sync::atomic::AtomicBool>) -> f64 {
+    use std::sync::atomic::Ordering;
+    let t = Instant::now();
+    let mut embedded = 0usize;
+    let mut batch = 0usize;
+    loop {
+        let sentences: Vec<String> = (0..32)
+            .map(|i| format!("Sentence {i} of batch {batch}: the quick brown fox jumps over the lazy dog."))
+            .collect();
+        embedder
+            .embed(EmbedInput::Texts(sentences), None, Priority::Normal)
+            .await
+            .expect("the sentences embed");
+        embedded += 32;
+        batch += 1;
+        let done = match busy {
+            Some(flag) => !flag.load(Ordering::Acquire),
+            None => t.elapsed().as_secs_f64() >= seconds,
+        };
+        if done {
+            return embedded as f64 / t.elapsed().as_secs_f64();
+        }
+    }
+}
+
+/// Phase 6: the embedder alone, then one greedy stream of 128 tokens with the embedder busy beside it.
+async fn beside_embeddings(
+    state: &AppState,
+    generator: &Arc<Generator>,
+    start: &PreparedPrompt,
+    decode: f64,
+) -> Value {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let served = match state.registry.get(EMBEDDER).expect("configured").state() {
+        LoadState::Ready(served) => served,
+        _ => panic!("{EMBEDDER} is not ready"),
+    };
+    let Served::Embedding(embedder) = &*served else { panic!("{EMBEDDER} is not an embedding model") };
+    let embedder = embedder.clone();
+    embed_for(&embedder, 1.0, None).await; // warm up
+    let alone = embed_for(&embedder, 5.0, None).await;
+    let busy = Arc::new(AtomicBool::new(true));
+    let background = {
+        let (embedder, busy) = (embedder.clone(), busy.clone());
+        tokio::spawn(async move { embed_for(&embedder, 0.0, Some(&busy)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let chat = decode_rate(generator, start, 128).await;
+    busy.store(false, Ordering::Release);
+    let embeddings = background.await.expect("the embedding task");
+    let (chat_share, embed_share) = (chat / decode, embeddings / alone);
+    println!(
+        "  beside an embedder: chat {chat:.1} tok/s ({chat_share:.2}× alone), embeddings {embeddings:.1} sentences/s \
+         ({embed_share:.2}× alone, {alone:.1} alone); together {:.2} of one model's time",
+        chat_share + embed_share
+    );
+    json!({
+        "embedder": EMBEDDER,
+        "embedder_alone_sentences_s": round(alone, 1),
+        "chat_tok_s": round(chat, 1),
+        "embeddings_sentences_s": round(embeddings, 1),
+        "chat_over_alone": round(chat_share, 2),
+        "embeddings_over_alone": round(embed_share, 2),
+    })
 }
 
 async fn prepare(generator: &Generator, prompt: Prompt) -> PreparedPrompt {

@@ -36,11 +36,13 @@ fn the_f16_ggml_file_decodes_ctranslate2s_greedy_tokens() {
     assert_decodes_ctranslate2s_tokens(&mut model, &read_vocab(&folder()).unwrap(), 0.01);
 }
 
-/// Q8_0 matrices: no-speech 0.073 against 0.078.
+/// Q8_0 matrices: no-speech 0.073 against 0.078 on the CPU these tests were written on, 0.066 on a
+/// Sapphire Rapids CPU with AVX-512 and AMX (whisper.cpp is built for the building CPU, and ggml's
+/// Q8_0 kernels differ by instruction set in how they round); the tokens are CTranslate2's on both.
 #[test]
 fn the_q8_0_ggml_file_decodes_ctranslate2s_greedy_tokens() {
     let mut model = WhisperCpp::load(&folder().join("ggml-base-q8_0.bin"), 2).unwrap();
-    assert_decodes_ctranslate2s_tokens(&mut model, &read_vocab(&folder()).unwrap(), 0.01);
+    assert_decodes_ctranslate2s_tokens(&mut model, &read_vocab(&folder()).unwrap(), 0.02);
 }
 
 async fn whisper_cpp(file: &str) -> App {

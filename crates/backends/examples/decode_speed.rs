@@ -1,10 +1,11 @@
 //! A quick look at the decoder's raw speed on the CPU, without the server or the scheduler: for
 //! profiling (`perf record`) and for trying kernels.
 //!
-//! `cargo run --release -p hearth-backends --example decode_speed -- MODEL.gguf [streams] [context]`
+//! `cargo run --release -p hearth-backends --example decode_speed -- MODEL.gguf [streams] [context] [steps]`
 //!
 //! Prefills `context` tokens into each of `streams` sequences, then decodes 64 greedy steps with all
-//! of them in every step, and prints the prefill time and the decode tokens/s.
+//! of them in every step (or `steps`), and prints the prefill time and the decode tokens/s.
+//! `HEARTH_PREFILL_CHUNK=N` prefills in chunks of N tokens, as the scheduler does.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,10 +25,11 @@ fn argmax(row: &[f32]) -> u32 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = PathBuf::from(args.next().expect("usage: decode_speed MODEL.gguf [streams] [context]"));
+    let path =
+        PathBuf::from(args.next().expect("usage: decode_speed MODEL.gguf [streams] [context] [steps]"));
     let streams: usize = args.next().map_or(1, |s| s.parse().expect("streams"));
     let context: usize = args.next().map_or(16, |s| s.parse().expect("context"));
-    let steps = 64;
+    let steps: usize = args.next().map_or(64, |s| s.parse().expect("steps"));
     let (mut model, loaded) = Decoder::load(&path, &DecoderOptions::default()).expect("load");
     eprintln!("{loaded:?}");
 
@@ -36,9 +38,16 @@ fn main() {
         .collect();
     let t = Instant::now();
     let mut next = Vec::new();
+    // In chunks of `HEARTH_PREFILL_CHUNK` tokens (default: the whole prompt at once).
+    let chunk: usize =
+        std::env::var("HEARTH_PREFILL_CHUNK").ok().and_then(|c| c.parse().ok()).unwrap_or(context).max(1);
     for (s, prompt) in prompts.iter().enumerate() {
-        let logits =
-            model.step(&[Chunk { seq: s as u64, start: 0, tokens: prompt, logits: true }]).expect("prefill");
+        let mut logits = Vec::new();
+        for (i, part) in prompt.chunks(chunk).enumerate() {
+            let last = (i + 1) * chunk >= prompt.len();
+            let step = [Chunk { seq: s as u64, start: i * chunk, tokens: part, logits: last }];
+            logits = model.step(&step).expect("prefill");
+        }
         next.push(argmax(&logits[0]));
     }
     let prefill = t.elapsed().as_secs_f64();
@@ -65,3 +74,7 @@ fn main() {
         secs * 1000.0 / steps as f64
     );
 }
+
+/// The server's allocator, so the figures are the server's (see `src/lib.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

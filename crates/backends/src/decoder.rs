@@ -20,6 +20,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use hearth_engine::generate::model::{Chunk, DecoderInfo, DecoderModel, SeqId};
 use hearth_engine::BoxError;
+use rayon::prelude::*;
 
 pub use crate::attention::KvPrecision;
 use crate::attention::{AttentionShape, ChunkRows, KvCaches, LayerAttention, Rope};
@@ -207,13 +208,43 @@ impl Linear {
     }
 
     fn forward_host(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
-        let mut y = self.weight.forward_host(x, m)?;
+        let y = self.weight.forward_host(x, m)?;
+        Ok(self.add_bias(y))
+    }
+
+    fn add_bias(&self, mut y: Vec<f32>) -> Vec<f32> {
         if let Some((_, b)) = &self.bias {
             for row in y.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
             }
         }
-        Ok(y)
+        y
+    }
+
+    /// Several linears of the same input (a layer's Q, K, V; its gate and up): when all are
+    /// Hearth's host matrices, one pass of [`QuantMatrix::matmul_many`] (the input quantized once,
+    /// one parallel dispatch); else one by one. The same values either way.
+    fn forward_host_many<const N: usize>(
+        linears: [&Linear; N],
+        x: &[f32],
+        m: usize,
+    ) -> candle_core::Result<[Vec<f32>; N]> {
+        let hosts: Option<Vec<&QuantMatrix>> = linears
+            .iter()
+            .map(|l| match &l.weight {
+                Weight::Host(w) => Some(&**w),
+                _ => None,
+            })
+            .collect();
+        let outputs = match hosts {
+            Some(matrices) => QuantMatrix::matmul_many(&matrices, x, m)
+                .into_iter()
+                .zip(linears)
+                .map(|(y, l)| l.add_bias(y))
+                .collect::<Vec<_>>(),
+            None => linears.iter().map(|l| l.forward_host(x, m)).collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        Ok(outputs.try_into().unwrap_or_else(|_| unreachable!("one output per linear")))
     }
 }
 
@@ -287,21 +318,31 @@ impl RmsNorm {
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 
-    /// ggml's `rms_norm` then `mul`: squares summed in f64, `1/sqrt(mean + eps)` in f32.
+    /// ggml's `rms_norm` then `mul`: squares summed in f64, `1/sqrt(mean + eps)` in f32. Rows in
+    /// parallel when there are many.
     fn forward_host(&self, x: &[f32]) -> Vec<f32> {
         let width = self.host.len();
         let mut out = vec![0f32; x.len()];
-        for (row, out) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let norm = |(row, out): (&[f32], &mut [f32])| {
             let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
             let mean = (sum / width as f64) as f32;
             let scale = 1.0 / (mean + self.eps).sqrt();
             for ((o, &v), &w) in out.iter_mut().zip(row).zip(&self.host) {
                 *o = (v * scale) * w;
             }
+        };
+        if x.len() >= PARALLEL_FROM {
+            x.par_chunks_exact(width).zip(out.par_chunks_exact_mut(width)).for_each(norm);
+        } else {
+            x.chunks_exact(width).zip(out.chunks_exact_mut(width)).for_each(norm);
         }
         out
     }
 }
+
+/// Values from which the host's elementwise steps (norms, the gate's activation) split their work
+/// across the decoder's threads: below, a dispatch costs more than it saves.
+const PARALLEL_FROM: usize = 4096;
 
 /// The feed-forward gate's activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,11 +354,17 @@ enum Activation {
 }
 
 impl Activation {
-    /// `gate ← act(gate) · up`, elementwise (ggml's `swiglu` / `geglu`).
+    /// `gate ← act(gate) · up`, elementwise (ggml's `swiglu` / `geglu`), in parallel chunks when
+    /// there are many values (several sequences' rows).
     fn gate_host(self, gate: &mut [f32], up: &[f32]) {
-        match self {
+        let apply = |(gate, up): (&mut [f32], &[f32])| match self {
             Self::Silu => gate.iter_mut().zip(up).for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u),
             Self::GeluTanh => gate.iter_mut().zip(up).for_each(|(g, &u)| *g = gelu_tanh(*g) * u),
+        };
+        if gate.len() >= PARALLEL_FROM {
+            gate.par_chunks_mut(PARALLEL_FROM / 2).zip(up.par_chunks(PARALLEL_FROM / 2)).for_each(apply);
+        } else {
+            apply((gate, up));
         }
     }
 
@@ -816,16 +863,15 @@ impl Decoder {
         let width = embed.width();
         for (l, layer) in layers.iter().enumerate() {
             let h = layer.attn_norm.forward_host(&x);
-            let mut q = apply_norm(&layer.q_norm, layer.q.forward_host(&h, t)?);
-            let mut k = apply_norm(&layer.k_norm, layer.k.forward_host(&h, t)?);
-            let v = layer.v.forward_host(&h, t)?;
+            let [q, k, v] = Linear::forward_host_many([&layer.q, &layer.k, &layer.v], &h, t)?;
+            let (mut q, mut k) = (apply_norm(&layer.q_norm, q), apply_norm(&layer.k_norm, k));
             let (window, rope) = attention[l];
             let attn = LayerAttention { rope: &ropes[rope], window, scale: *attention_scale };
             let attended = kv.attend_host(l, &attn, &mut q, &mut k, &v, rows)?;
             add_assign(&mut x, &apply_norm(&layer.post_attn_norm, layer.o.forward_host(&attended, t)?));
             let h = layer.ffn_norm.forward_host(&x);
-            let mut gate = layer.gate.forward_host(&h, t)?;
-            activation.gate_host(&mut gate, &layer.up.forward_host(&h, t)?);
+            let [mut gate, up] = Linear::forward_host_many([&layer.gate, &layer.up], &h, t)?;
+            activation.gate_host(&mut gate, &up);
             add_assign(&mut x, &apply_norm(&layer.post_ffn_norm, layer.down.forward_host(&gate, t)?));
         }
         if last.is_empty() {
