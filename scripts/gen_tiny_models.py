@@ -17,6 +17,12 @@ in scripts/reference/bert_numpy.py: every case is run in one right-padded batch
 and alone, and the two must agree to 1e-9. Token ids come from the `tokenizers`
 library with padding and truncation off.
 
+Each model also gets an ONNX twin, `NAME-onnx/` (the same config and tokenizer files, no
+safetensors, and `onnx/model.onnx` written by scripts/export-bert-onnx from the same weights) for
+the ONNX Runtime backend's tests, which compare it with the same reference.json; the BERT
+cross-encoder also gets `tiny-bert-reranker-int8/` (`onnx/model_quantized.onnx`, ONNX Runtime's
+dynamic int8 quantization of that graph).
+
 Deterministic: rerunning it rewrites byte-identical files.
 Usage: ~/.cache/hearth/venv/bin/python scripts/gen_tiny_models.py
 """
@@ -456,6 +462,33 @@ def main():
         XLMR_TOKENIZER_CONFIG,
     )
     rerank_reference("tiny-xlmr-reranker", model_dir, RERANK_PAIRS, max_tokens=64, unk_id=3)
+
+    for name in ["tiny-bert-embed", "tiny-xlmr-embed", "tiny-bert-reranker", "tiny-xlmr-reranker"]:
+        onnx_twin(name, f"{name}-onnx", int8=False)
+    onnx_twin("tiny-bert-reranker", "tiny-bert-reranker-int8", int8=True)
+
+
+def onnx_twin(name, twin, int8):
+    """`twin/`: `name/`'s config and tokenizer files and its ONNX export (float, or int8 only)."""
+    import importlib.machinery
+    import importlib.util
+
+    import onnx
+
+    loader = importlib.machinery.SourceFileLoader("export_bert_onnx", str(Path(__file__).parent / "export-bert-onnx"))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    exporter = importlib.util.module_from_spec(spec)
+    loader.exec_module(exporter)
+
+    source, target = OUT_ROOT / name, OUT_ROOT / twin
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors", "reference.json"))
+    (target / "onnx").mkdir()
+    onnx.save(exporter.build(source), str(target / "onnx" / "model.onnx"))
+    if int8:
+        exporter.quantize(target / "onnx" / "model.onnx", target / "onnx" / "model_quantized.onnx")
+        (target / "onnx" / "model.onnx").unlink()
 
 
 if __name__ == "__main__":

@@ -84,12 +84,6 @@ impl Loader {
                 Ok(Served::Embedding(Arc::new(self.embedder(config, encoder, dir).await?)))
             }
             KindConfig::Rerank(RerankConfig::Load { encoder, scoring }) => {
-                if encoder.backend == EncoderBackend::Onnx {
-                    bail!(
-                        "model `{}`: rerankers run on candle; `backend = \"onnx\"` serves embedders",
-                        config.id
-                    );
-                }
                 let dir = self.inspect(encoder).await?;
                 let cross = match (scoring, dir.head) {
                     (ScoringChoice::BiEncoder, Head::SequenceClassification { .. }) => bail!(
@@ -104,7 +98,11 @@ impl Loader {
                     (_, head) => matches!(head, Head::SequenceClassification { .. }),
                 };
                 if cross {
-                    let (service, _) = self.service(config, encoder, dir, CandleCrossEncoder::load).await?;
+                    let (service, _) = if self.onnx_backend(config, encoder, &dir)? {
+                        self.onnx_cross_encoder(config, encoder, dir).await?
+                    } else {
+                        self.service(config, encoder, dir, CandleCrossEncoder::load).await?
+                    };
                     return Ok(Served::Rerank(Reranker::cross_encoder(service, encoder.cache_bytes)));
                 }
                 let embedder = Arc::new(self.embedder(config, encoder, dir).await?);
@@ -453,7 +451,7 @@ impl Loader {
         Ok(Embedder::new(service, info).with_cache(encoder.cache_bytes))
     }
 
-    /// Whether an embedder runs on ONNX Runtime: asked for, or `auto` with an ONNX export in the
+    /// Whether an encoder (embedder or cross-encoder) runs on ONNX Runtime: asked for, or `auto` with an ONNX export in the
     /// folder, ONNX Runtime in the build and the CPU as the device.
     fn onnx_backend(
         &self,
@@ -493,6 +491,28 @@ impl Loader {
         hearth_backends::onnx::onnx_environment(&self.onnxruntime)
             .with_context(|| format!("cannot load model `{}`", config.id))?;
         self.service(config, encoder, dir, hearth_backends::onnx_encoder::OnnxEmbedder::load).await
+    }
+
+    #[cfg(feature = "onnx")]
+    async fn onnx_cross_encoder(
+        &self,
+        config: &ModelConfig,
+        encoder: &EncoderConfig,
+        dir: ModelDir,
+    ) -> anyhow::Result<(EncoderService<f32>, LoadedEncoder)> {
+        hearth_backends::onnx::onnx_environment(&self.onnxruntime)
+            .with_context(|| format!("cannot load model `{}`", config.id))?;
+        self.service(config, encoder, dir, hearth_backends::onnx_encoder::OnnxCrossEncoder::load).await
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    async fn onnx_cross_encoder(
+        &self,
+        _config: &ModelConfig,
+        _encoder: &EncoderConfig,
+        _dir: ModelDir,
+    ) -> anyhow::Result<(EncoderService<f32>, LoadedEncoder)> {
+        unreachable!("onnx_backend() is false without the `onnx` feature")
     }
 
     #[cfg(not(feature = "onnx"))]

@@ -77,7 +77,7 @@ pub const SERVER: Section = Section {
         key(
             "onnxruntime_library",
             "`ORT_DYLIB_PATH`, else `$HEARTH_LIB_DIR/libonnxruntime.so` (`~/.cache/hearth/lib`)",
-            "ONNX Runtime's shared library, loaded when the first `tts` model loads (`scripts/fetch-models onnxruntime` installs it); missing: that model fails to load with an error naming the path.",
+            "ONNX Runtime's shared library, loaded when the first model that runs on it loads (a `tts` voice, an encoder on `backend = \"onnx\"`/`auto`) (`scripts/fetch-models onnxruntime` installs it); missing: that model fails to load with an error naming the path.",
         ),
         key("preprocess_queue_depth", "`1024`", "Tokenization tasks waiting for those threads; more get 429."),
         key(
@@ -203,7 +203,7 @@ pub const MODEL_ENCODER: Section = Section {
         key(
             "backend",
             "`\"auto\"`",
-            "`auto`: ONNX Runtime on the CPU when the folder has an ONNX export (`onnx/model_quantized.onnx`, `model_qint8_*.onnx`, `onnx/model.onnx`, `model.onnx`, the int8 ones first) and the binary has ONNX Runtime (`--features tts`), candle otherwise; `candle` (exact f32, any device); `onnx` (embedders on the CPU). Rerankers run on candle.",
+            "`auto`: ONNX Runtime on the CPU when the folder has an ONNX export (`onnx/model_quantized.onnx`, `model_qint8_*.onnx`, `onnx/model.onnx`, `model.onnx`, the int8 ones first) and the binary has ONNX Runtime (`--features onnx` or `tts`), candle otherwise; `candle` (exact f32, any device); `onnx` (on the CPU). Embedders and cross-encoders alike (ONNX cross-encoders output `logits` `[batch, 1]`, as Hugging Face's exports do).",
         ),
         key(
             "cache_mib",

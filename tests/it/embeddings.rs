@@ -4,7 +4,9 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::support::{app, assert_close, floats, reference, tiny_app, tiny_config, unit};
+use crate::support::{
+    app, assert_close, floats, reference, tiny_apps, tiny_config, tiny_config_on, unit, Backend,
+};
 
 fn reference_texts(model: &str) -> (Vec<String>, Vec<Value>) {
     let reference = reference(model);
@@ -14,65 +16,72 @@ fn reference_texts(model: &str) -> (Vec<String>, Vec<Value>) {
 
 #[tokio::test]
 async fn text_inputs_match_the_reference_through_the_whole_stack() {
-    let app = tiny_app().await;
-    // tiny-bert-embed: mean pooling + Normalize from its sentence-transformers files; its
-    // tokenizer.json pads/truncates at 16, which Hearth must switch off (one case has 23 tokens).
-    let (texts, cases) = reference_texts("tiny-bert-embed");
-    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts})).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    assert_eq!(reply.body["object"], "list");
-    assert_eq!(reply.body["model"], "tiny-embed");
-    let data = reply.body["data"].as_array().unwrap();
-    assert_eq!(data.len(), cases.len());
-    let mut n_tokens = 0;
-    for (i, (item, case)) in data.iter().zip(&cases).enumerate() {
-        assert_eq!(item["object"], "embedding");
-        assert_eq!(item["index"], i);
-        assert_close(&floats(&item["embedding"]), &unit(&floats(&case["pooled"]["mean"])), 1e-4);
-        n_tokens += case["input_ids"].as_array().unwrap().len();
-    }
-    assert_eq!(reply.body["usage"]["prompt_tokens"], n_tokens);
-    assert_eq!(reply.body["usage"]["total_tokens"], n_tokens);
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        // tiny-bert-embed: mean pooling + Normalize from its sentence-transformers files; its
+        // tokenizer.json pads/truncates at 16, which Hearth must switch off (one case has 23 tokens).
+        let (texts, cases) = reference_texts("tiny-bert-embed");
+        let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        assert_eq!(reply.body["object"], "list");
+        assert_eq!(reply.body["model"], "tiny-embed");
+        let data = reply.body["data"].as_array().unwrap();
+        assert_eq!(data.len(), cases.len());
+        let mut n_tokens = 0;
+        for (i, (item, case)) in data.iter().zip(&cases).enumerate() {
+            assert_eq!(item["object"], "embedding");
+            assert_eq!(item["index"], i);
+            assert_close(&floats(&item["embedding"]), &unit(&floats(&case["pooled"]["mean"])), 1e-4);
+            n_tokens += case["input_ids"].as_array().unwrap().len();
+        }
+        assert_eq!(reply.body["usage"]["prompt_tokens"], n_tokens);
+        assert_eq!(reply.body["usage"]["total_tokens"], n_tokens);
 
-    // tiny-xlmr-embed: CLS pooling, no normalisation.
-    let (texts, cases) = reference_texts("tiny-xlmr-embed");
-    let reply = app.post("/v1/embeddings", json!({"model": "tiny-xlmr-embed", "input": texts})).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    for (item, case) in reply.body["data"].as_array().unwrap().iter().zip(&cases) {
-        assert_close(&floats(&item["embedding"]), &floats(&case["pooled"]["cls"]), 1e-4);
+        // tiny-xlmr-embed: CLS pooling, no normalisation.
+        let (texts, cases) = reference_texts("tiny-xlmr-embed");
+        let reply = app.post("/v1/embeddings", json!({"model": "tiny-xlmr-embed", "input": texts})).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        for (item, case) in reply.body["data"].as_array().unwrap().iter().zip(&cases) {
+            assert_close(&floats(&item["embedding"]), &floats(&case["pooled"]["cls"]), 1e-4);
+        }
     }
 }
 
 #[tokio::test]
 async fn every_input_shape_gives_the_same_vectors() {
-    let app = tiny_app().await;
-    let (texts, cases) = reference_texts("tiny-bert-embed");
-    let ids: Vec<Value> = cases.iter().map(|c| c["input_ids"].clone()).collect();
-    let expected = unit(&floats(&cases[0]["pooled"]["mean"]));
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        let (texts, cases) = reference_texts("tiny-bert-embed");
+        let ids: Vec<Value> = cases.iter().map(|c| c["input_ids"].clone()).collect();
+        let expected = unit(&floats(&cases[0]["pooled"]["mean"]));
 
-    let single_string = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts[0]})).await;
-    let token_array = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids[0]})).await;
-    let token_arrays = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids})).await;
-    for reply in [&single_string, &token_array, &token_arrays] {
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-        assert_close(&floats(&reply.body["data"][0]["embedding"]), &expected, 1e-4);
+        let single_string =
+            app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": texts[0]})).await;
+        let token_array = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids[0]})).await;
+        let token_arrays = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ids})).await;
+        for reply in [&single_string, &token_array, &token_arrays] {
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+            assert_close(&floats(&reply.body["data"][0]["embedding"]), &expected, 1e-4);
+        }
+        assert_eq!(token_arrays.body["data"].as_array().unwrap().len(), cases.len());
     }
-    assert_eq!(token_arrays.body["data"].as_array().unwrap().len(), cases.len());
 }
 
 #[tokio::test]
 async fn base64_encodes_the_same_little_endian_floats() {
-    let app = tiny_app().await;
-    let request = |format: &str| json!({"model": "tiny-embed", "input": ["red apple", "blue"], "encoding_format": format});
-    let float = app.post("/v1/embeddings", request("float")).await;
-    let base64 = app.post("/v1/embeddings", request("base64")).await;
-    assert_eq!(base64.status, StatusCode::OK, "{}", base64.text);
-    for i in 0..2 {
-        let text = base64.body["data"][i]["embedding"].as_str().unwrap();
-        let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
-        let decoded: Vec<f32> =
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        assert_eq!(decoded, floats(&float.body["data"][i]["embedding"]));
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        let request = |format: &str| json!({"model": "tiny-embed", "input": ["red apple", "blue"], "encoding_format": format});
+        let float = app.post("/v1/embeddings", request("float")).await;
+        let base64 = app.post("/v1/embeddings", request("base64")).await;
+        assert_eq!(base64.status, StatusCode::OK, "{}", base64.text);
+        for i in 0..2 {
+            let text = base64.body["data"][i]["embedding"].as_str().unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+            let decoded: Vec<f32> =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            assert_eq!(decoded, floats(&float.body["data"][i]["embedding"]));
+        }
     }
 }
 
@@ -80,21 +89,24 @@ async fn base64_encodes_the_same_little_endian_floats() {
 /// dimensions, re-normalised.
 #[tokio::test]
 async fn property_dimensions_truncate_then_renormalise() {
-    let app = tiny_app().await;
-    let full = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple"})).await;
-    let short = app
-        .post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple", "dimensions": 8}))
-        .await;
-    assert_eq!(short.status, StatusCode::OK, "{}", short.text);
-    let full = floats(&full.body["data"][0]["embedding"]);
-    let short = floats(&short.body["data"][0]["embedding"]);
-    assert_eq!(short.len(), 8);
-    assert_close(&short, &unit(&full[..8]), 1e-6);
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        let full = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple"})).await;
+        let short = app
+            .post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple", "dimensions": 8}))
+            .await;
+        assert_eq!(short.status, StatusCode::OK, "{}", short.text);
+        let full = floats(&full.body["data"][0]["embedding"]);
+        let short = floats(&short.body["data"][0]["embedding"]);
+        assert_eq!(short.len(), 8);
+        assert_close(&short, &unit(&full[..8]), 1e-6);
 
-    for bad in [0, 33] {
-        let reply =
-            app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "x", "dimensions": bad})).await;
-        reply.assert_error(StatusCode::BAD_REQUEST, Some("dimensions"), None);
+        for bad in [0, 33] {
+            let reply = app
+                .post("/v1/embeddings", json!({"model": "tiny-embed", "input": "x", "dimensions": bad}))
+                .await;
+            reply.assert_error(StatusCode::BAD_REQUEST, Some("dimensions"), None);
+        }
     }
 }
 
@@ -103,120 +115,132 @@ async fn property_dimensions_truncate_then_renormalise() {
 /// what was embedded.
 #[tokio::test]
 async fn requests_choose_their_own_truncation() {
-    let app = tiny_app().await;
-    let embed = |body: Value| {
-        let app = &app;
-        async move { app.post("/v1/embeddings", body).await }
-    };
-    // "red apple " × 12 is 26 tokens with [CLS] and [SEP]; the model's limit is 24.
-    let long = "red apple ".repeat(11) + "green pear";
-    let right = embed(json!({"model": "tiny-embed", "input": long, "truncate": true})).await;
-    assert_eq!(right.status, StatusCode::OK, "{}", right.text);
-    assert_eq!(right.body["usage"]["prompt_tokens"], 24);
-    let first = embed(json!({"model": "tiny-embed", "input": "red apple ".repeat(11)})).await;
-    assert_close(
-        &floats(&right.body["data"][0]["embedding"]),
-        &floats(&first.body["data"][0]["embedding"]),
-        1e-6,
-    );
-    let left = embed(
-        json!({"model": "tiny-embed", "input": long, "truncate": true, "truncation_direction": "Left"}),
-    )
-    .await;
-    assert_eq!(left.body["usage"]["prompt_tokens"], 24);
-    // The same as [CLS] + the text's last 22 tokens + [SEP], sent as token ids.
-    let mut tokenizer =
-        tokenizers::Tokenizer::from_file(crate::support::fixture("tiny-bert-embed").join("tokenizer.json"))
-            .unwrap();
-    // Its tokenizer.json pads and truncates at 16; Hearth switches both off, and so does this.
-    tokenizer.with_truncation(None).unwrap();
-    tokenizer.with_padding(None);
-    let text_ids = tokenizer.encode(long.as_str(), false).unwrap().get_ids().to_vec();
-    let special = |t: &str| tokenizer.token_to_id(t).unwrap();
-    let mut kept_ids = vec![special("[CLS]")];
-    kept_ids.extend_from_slice(&text_ids[text_ids.len() - 22..]);
-    kept_ids.push(special("[SEP]"));
-    let last = embed(json!({"model": "tiny-embed", "input": [kept_ids]})).await;
-    assert_eq!(last.body["usage"]["prompt_tokens"], 24, "{}", last.text);
-    assert_close(
-        &floats(&left.body["data"][0]["embedding"]),
-        &floats(&last.body["data"][0]["embedding"]),
-        1e-6,
-    );
-    let refused = embed(json!({"model": "tiny-embed", "input": long, "truncate": false})).await;
-    refused.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        let embed = |body: Value| {
+            let app = &app;
+            async move { app.post("/v1/embeddings", body).await }
+        };
+        // "red apple " × 12 is 26 tokens with [CLS] and [SEP]; the model's limit is 24.
+        let long = "red apple ".repeat(11) + "green pear";
+        let right = embed(json!({"model": "tiny-embed", "input": long, "truncate": true})).await;
+        assert_eq!(right.status, StatusCode::OK, "{}", right.text);
+        assert_eq!(right.body["usage"]["prompt_tokens"], 24);
+        let first = embed(json!({"model": "tiny-embed", "input": "red apple ".repeat(11)})).await;
+        assert_close(
+            &floats(&right.body["data"][0]["embedding"]),
+            &floats(&first.body["data"][0]["embedding"]),
+            1e-6,
+        );
+        let left = embed(
+            json!({"model": "tiny-embed", "input": long, "truncate": true, "truncation_direction": "Left"}),
+        )
+        .await;
+        assert_eq!(left.body["usage"]["prompt_tokens"], 24);
+        // The same as [CLS] + the text's last 22 tokens + [SEP], sent as token ids.
+        let mut tokenizer = tokenizers::Tokenizer::from_file(
+            crate::support::fixture("tiny-bert-embed").join("tokenizer.json"),
+        )
+        .unwrap();
+        // Its tokenizer.json pads and truncates at 16; Hearth switches both off, and so does this.
+        tokenizer.with_truncation(None).unwrap();
+        tokenizer.with_padding(None);
+        let text_ids = tokenizer.encode(long.as_str(), false).unwrap().get_ids().to_vec();
+        let special = |t: &str| tokenizer.token_to_id(t).unwrap();
+        let mut kept_ids = vec![special("[CLS]")];
+        kept_ids.extend_from_slice(&text_ids[text_ids.len() - 22..]);
+        kept_ids.push(special("[SEP]"));
+        let last = embed(json!({"model": "tiny-embed", "input": [kept_ids]})).await;
+        assert_eq!(last.body["usage"]["prompt_tokens"], 24, "{}", last.text);
+        assert_close(
+            &floats(&left.body["data"][0]["embedding"]),
+            &floats(&last.body["data"][0]["embedding"]),
+            1e-6,
+        );
+        let refused = embed(json!({"model": "tiny-embed", "input": long, "truncate": false})).await;
+        refused.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
 
-    // vLLM: the last N tokens, for texts and token ids alike.
-    let ids: Vec<u32> = (5..35).collect();
-    let kept =
-        embed(json!({"model": "tiny-embed", "input": [ids.clone()], "truncate_prompt_tokens": 10})).await;
-    assert_eq!(kept.status, StatusCode::OK, "{}", kept.text);
-    assert_eq!(kept.body["usage"]["prompt_tokens"], 10);
-    let tail = embed(json!({"model": "tiny-embed", "input": [ids[20..].to_vec()]})).await;
-    assert_close(
-        &floats(&kept.body["data"][0]["embedding"]),
-        &floats(&tail.body["data"][0]["embedding"]),
-        1e-6,
-    );
-    let model_limit =
-        embed(json!({"model": "tiny-embed", "input": long, "truncate_prompt_tokens": -1})).await;
-    assert_eq!(model_limit.body["usage"]["prompt_tokens"], 24);
-    assert_close(
-        &floats(&model_limit.body["data"][0]["embedding"]),
-        &floats(&left.body["data"][0]["embedding"]),
-        1e-6,
-    );
-    for (body, param) in [
-        (json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
-        (
-            json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 5, "truncate": true}),
-            "truncate_prompt_tokens",
-        ),
-        (json!({"model": "tiny-embed", "input": "x", "truncation_direction": "up"}), "truncation_direction"),
-    ] {
-        embed(body).await.assert_error(StatusCode::BAD_REQUEST, Some(param), None);
+        // vLLM: the last N tokens, for texts and token ids alike.
+        let ids: Vec<u32> = (5..35).collect();
+        let kept =
+            embed(json!({"model": "tiny-embed", "input": [ids.clone()], "truncate_prompt_tokens": 10})).await;
+        assert_eq!(kept.status, StatusCode::OK, "{}", kept.text);
+        assert_eq!(kept.body["usage"]["prompt_tokens"], 10);
+        let tail = embed(json!({"model": "tiny-embed", "input": [ids[20..].to_vec()]})).await;
+        assert_close(
+            &floats(&kept.body["data"][0]["embedding"]),
+            &floats(&tail.body["data"][0]["embedding"]),
+            1e-6,
+        );
+        let model_limit =
+            embed(json!({"model": "tiny-embed", "input": long, "truncate_prompt_tokens": -1})).await;
+        assert_eq!(model_limit.body["usage"]["prompt_tokens"], 24);
+        assert_close(
+            &floats(&model_limit.body["data"][0]["embedding"]),
+            &floats(&left.body["data"][0]["embedding"]),
+            1e-6,
+        );
+        for (body, param) in [
+            (
+                json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 0}),
+                "truncate_prompt_tokens",
+            ),
+            (
+                json!({"model": "tiny-embed", "input": "x", "truncate_prompt_tokens": 5, "truncate": true}),
+                "truncate_prompt_tokens",
+            ),
+            (
+                json!({"model": "tiny-embed", "input": "x", "truncation_direction": "up"}),
+                "truncation_direction",
+            ),
+        ] {
+            embed(body).await.assert_error(StatusCode::BAD_REQUEST, Some(param), None);
+        }
     }
 }
 
 #[tokio::test]
 async fn long_inputs_are_refused_unless_truncation_is_configured() {
     let long = "red apple ".repeat(40);
-    let app = tiny_app().await;
-    let reply = app
-        .post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", "red apple ".repeat(12)]}))
-        .await;
-    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
-    assert!(
-        reply.message().contains("input[1] has 26 tokens, more than the model's limit of 24"),
-        "{}",
-        reply.text
-    );
-    // Far over the limit, only a prefix is tokenized: the count is a floor.
-    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", long]})).await;
-    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
-    assert!(reply.message().contains("input[1] has at least"), "{}", reply.text);
-    assert!(reply.message().contains("more than the model's limit of 24"), "{}", reply.text);
-    let ids: Vec<u32> = vec![5; 30];
-    let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": [ids]})).await;
-    reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+    for (backend, app) in tiny_apps().await {
+        eprintln!("backend: {backend:?}");
+        let reply = app
+            .post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", "red apple ".repeat(12)]}))
+            .await;
+        reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+        assert!(
+            reply.message().contains("input[1] has 26 tokens, more than the model's limit of 24"),
+            "{}",
+            reply.text
+        );
+        // Far over the limit, only a prefix is tokenized: the count is a floor.
+        let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": ["ok", long]})).await;
+        reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
+        assert!(reply.message().contains("input[1] has at least"), "{}", reply.text);
+        assert!(reply.message().contains("more than the model's limit of 24"), "{}", reply.text);
+        let ids: Vec<u32> = vec![5; 30];
+        let reply = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": [ids]})).await;
+        reply.assert_error(StatusCode::BAD_REQUEST, Some("input"), None);
 
-    let app = app_with_truncation().await;
-    let cut = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": long})).await;
-    assert_eq!(cut.status, StatusCode::OK, "{}", cut.text);
-    assert_eq!(cut.body["usage"]["prompt_tokens"], 24);
-    // The cut keeps [CLS] … [SEP]: the same as sending the first 22 text tokens.
-    let tokens =
-        app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple ".repeat(11)})).await;
-    assert_eq!(tokens.body["usage"]["prompt_tokens"], 24);
-    assert_close(
-        &floats(&cut.body["data"][0]["embedding"]),
-        &floats(&tokens.body["data"][0]["embedding"]),
-        1e-6,
-    );
+        let app = app_with_truncation(backend).await;
+        let cut = app.post("/v1/embeddings", json!({"model": "tiny-embed", "input": long})).await;
+        assert_eq!(cut.status, StatusCode::OK, "{}", cut.text);
+        assert_eq!(cut.body["usage"]["prompt_tokens"], 24);
+        // The cut keeps [CLS] … [SEP]: the same as sending the first 22 text tokens.
+        let tokens = app
+            .post("/v1/embeddings", json!({"model": "tiny-embed", "input": "red apple ".repeat(11)}))
+            .await;
+        assert_eq!(tokens.body["usage"]["prompt_tokens"], 24);
+        assert_close(
+            &floats(&cut.body["data"][0]["embedding"]),
+            &floats(&tokens.body["data"][0]["embedding"]),
+            1e-6,
+        );
+    }
 }
 
-async fn app_with_truncation() -> crate::support::App {
-    let toml = tiny_config("").replace(
+async fn app_with_truncation(backend: Backend) -> crate::support::App {
+    let toml = tiny_config_on(backend, "").replace(
         "id = \"tiny-embed\"\n        kind = \"embedding\"",
         "id = \"tiny-embed\"\n        kind = \"embedding\"\n        truncate = true",
     );

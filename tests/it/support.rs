@@ -37,43 +37,90 @@ pub fn reference(name: &str) -> Value {
 }
 
 /// A config serving the tiny fixtures: two embedders, two cross-encoders, one bi-encoder reranker
-/// with weights of its own, and one sharing `tiny-embed`'s.
+/// with weights of its own, and one sharing `tiny-embed`'s; on candle.
 pub fn tiny_config(extra: &str) -> String {
+    tiny_config_on(Backend::Candle, extra)
+}
+
+/// What runs the tiny encoders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// candle on the fixtures' safetensors.
+    Candle,
+    /// ONNX Runtime on the fixtures' `NAME-onnx` twins (the same weights exported by
+    /// scripts/export-bert-onnx, checked against the same references).
+    #[cfg_attr(not(all(feature = "real-weights", feature = "onnx")), allow(dead_code))]
+    Onnx,
+}
+
+/// Every backend this build can run the tiny encoders on: candle, and ONNX Runtime where the build
+/// has it and `scripts/fetch-models` has installed its library (`real-weights`).
+pub const BACKENDS: &[Backend] = &[
+    Backend::Candle,
+    #[cfg(all(feature = "real-weights", feature = "onnx"))]
+    Backend::Onnx,
+];
+
+/// The tiny app once per backend in [`BACKENDS`]: the same tests, and the same answers, on each.
+pub async fn tiny_apps() -> Vec<(Backend, App)> {
+    let mut apps = Vec::new();
+    for &backend in BACKENDS {
+        apps.push((backend, app(&tiny_config_on(backend, "")).await));
+    }
+    apps
+}
+
+/// [`tiny_config`] on `backend`.
+pub fn tiny_config_on(backend: Backend, extra: &str) -> String {
+    let (twin, server) = match backend {
+        Backend::Candle => ("", String::new()),
+        Backend::Onnx => (
+            "-onnx",
+            format!(
+                "onnxruntime_library = \"{}\"",
+                std::env::var_os("ORT_DYLIB_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(hearth::config::default_onnxruntime_library)
+                    .display()
+            ),
+        ),
+    };
     format!(
         r#"
         models_dir = "{models_dir}"
 
         [server]
         max_request_body_bytes = 65536
+        {server}
 
         [[models]]
         id = "tiny-embed"
         kind = "embedding"
-        source = "tiny-bert-embed"
+        source = "tiny-bert-embed{twin}"
         device = "cpu"
 
         [[models]]
         id = "tiny-xlmr-embed"
         kind = "embedding"
-        source = "tiny-xlmr-embed"
+        source = "tiny-xlmr-embed{twin}"
         device = "cpu"
 
         [[models]]
         id = "tiny-rerank-bert"
         kind = "rerank"
-        source = "tiny-bert-reranker"
+        source = "tiny-bert-reranker{twin}"
         device = "cpu"
 
         [[models]]
         id = "tiny-rerank-xlmr"
         kind = "rerank"
-        source = "tiny-xlmr-reranker"
+        source = "tiny-xlmr-reranker{twin}"
         device = "cpu"
 
         [[models]]
         id = "tiny-bi"
         kind = "rerank"
-        source = "tiny-bert-embed"
+        source = "tiny-bert-embed{twin}"
         device = "cpu"
 
         [[models]]

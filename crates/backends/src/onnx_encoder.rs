@@ -1,14 +1,15 @@
-//! Sentence embedders on ONNX Runtime: the ONNX exports Hugging Face repos ship
+//! Encoders on ONNX Runtime: the ONNX exports Hugging Face repos ship
 //! (`onnx/model_quantized.onnx`, `model_qint8_*.onnx`, `onnx/model.onnx`, see
 //! [`crate::model_dir::ONNX_FILES`]) with inputs `input_ids`, `attention_mask` (and
-//! `token_type_ids` when the graph takes it) and output `last_hidden_state`. Pooling and
-//! normalisation run on the host as the candle embedder's do, from the same sentence-transformers
-//! config. This is the CPU route text-embeddings-inference takes; the int8 exports are what makes
-//! it fast on a CPU.
+//! `token_type_ids` when the graph takes it). Sentence embedders read the output
+//! `last_hidden_state`; pooling and normalisation run on the host as the candle embedder's do, from
+//! the same sentence-transformers config. Cross-encoders (`*ForSequenceClassification`) read
+//! `logits` `[batch, 1]`, the relevance logit the candle cross-encoder returns. This is the CPU
+//! route text-embeddings-inference takes; the int8 exports are what makes it fast on a CPU.
 
 use hearth_engine::encoder::{EncoderModel, Sequence};
 use hearth_engine::{BoxError, Device, Pooling};
-use ort::session::Session;
+use ort::session::{Session, SessionOutputs};
 use ort::value::Tensor;
 
 use crate::bert_family::{EncoderOptions, LoadedEncoder};
@@ -16,12 +17,10 @@ use crate::error::BackendError;
 use crate::model_dir::{Head, ModelDir};
 use crate::onnx::loaded_environment;
 
-pub struct OnnxEmbedder {
+/// A loaded ONNX encoder graph and how to feed it a padded batch.
+struct EncoderSession {
     session: Session,
-    pooling: Pooling,
-    normalize: bool,
     pad_id: u32,
-    hidden: usize,
     type_ids: bool,
 }
 
@@ -29,16 +28,10 @@ fn onnx_error(dir: &ModelDir, error: impl std::fmt::Display) -> BackendError {
     BackendError::Unsupported(format!("{}: {error}", dir.path.display()))
 }
 
-impl OnnxEmbedder {
-    /// Loads the folder's ONNX export on the CPU. ONNX Runtime must have been loaded already
-    /// ([`crate::onnx::onnx_environment`]); the loader does that with the configured library.
-    pub fn load(dir: &ModelDir, options: &EncoderOptions) -> Result<(Self, LoadedEncoder), BackendError> {
-        if let Head::SequenceClassification { .. } = dir.head {
-            return Err(BackendError::Unsupported(format!(
-                "{} holds a cross-encoder; the ONNX backend serves embedders only (use `backend = \"candle\"`)",
-                dir.path.display()
-            )));
-        }
+impl EncoderSession {
+    /// Opens the folder's ONNX export on the CPU and checks it has the inputs and `output` Hearth
+    /// feeds and reads.
+    fn open(dir: &ModelDir, options: &EncoderOptions, output: &str) -> Result<Self, BackendError> {
         if !matches!(options.device, Device::Cpu | Device::Auto) {
             return Err(BackendError::Unsupported(
                 "the ONNX encoder backend runs on the CPU; use `backend = \"candle\"` on GPUs".into(),
@@ -48,15 +41,6 @@ impl OnnxEmbedder {
             dir: dir.path.clone(),
             what: format!("ONNX export (one of {})", crate::model_dir::ONNX_FILES.join(", ")),
         })?;
-        let st = dir.sentence_transformers.as_ref();
-        let pooling = match (options.pooling, st.and_then(|st| st.pooling.clone())) {
-            (Some(pooling), _) | (None, Some(Ok(pooling))) => pooling,
-            (None, Some(Err(problem))) => return Err(onnx_error(dir, format!("{problem}; set `pooling`"))),
-            (None, None) => {
-                return Err(onnx_error(dir, "no sentence-transformers pooling config; set `pooling`"));
-            }
-        };
-        let normalize = options.normalize.unwrap_or_else(|| st.is_some_and(|st| st.normalize));
         let environment = loaded_environment()?;
         let session = Session::builder(&environment)
             .and_then(|mut b| b.commit_from_file(file))
@@ -70,37 +54,16 @@ impl OnnxEmbedder {
                 ));
             }
         }
-        if !session.outputs().iter().any(|o| o.name() == "last_hidden_state") {
-            return Err(onnx_error(dir, "the ONNX export has no `last_hidden_state` output"));
+        if !session.outputs().iter().any(|o| o.name() == output) {
+            return Err(onnx_error(dir, format!("the ONNX export has no `{output}` output")));
         }
         let type_ids = names.contains(&"token_type_ids");
-        let info = LoadedEncoder {
-            architecture: dir.architecture,
-            dims: dir.hidden_size,
-            vocab_size: dir.vocab_size,
-            max_positions: dir.max_positions,
-            pooling: Some(pooling),
-            normalize,
-            device: Device::Cpu,
-            dtype: hearth_engine::DType::F32,
-        };
         tracing::info!(file = %file.display(), "ONNX encoder loaded");
-        let model = OnnxEmbedder {
-            session,
-            pooling,
-            normalize,
-            pad_id: dir.pad_token_id,
-            hidden: dir.hidden_size,
-            type_ids,
-        };
-        Ok((model, info))
+        Ok(Self { session, pad_id: dir.pad_token_id, type_ids })
     }
-}
 
-impl EncoderModel for OnnxEmbedder {
-    type Output = Vec<f32>;
-
-    fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Vec<f32>>, BoxError> {
+    /// Runs `batch` right-padded to its longest sequence; returns the outputs and that length.
+    fn run(&mut self, batch: &[&Sequence]) -> Result<(SessionOutputs<'_>, usize), BoxError> {
         let n = batch.len();
         let longest = batch.iter().map(|s| s.len()).max().unwrap_or(0).max(1);
         let mut ids = vec![i64::from(self.pad_id); n * longest];
@@ -120,9 +83,71 @@ impl EncoderModel for OnnxEmbedder {
         if self.type_ids {
             inputs.push(("token_type_ids".into(), Tensor::from_array(([n, longest], types))?.into()));
         }
-        let outputs = self.session.run(inputs)?;
-        let (shape, states) = outputs["last_hidden_state"].try_extract_tensor::<f32>()?;
+        Ok((self.session.run(inputs)?, longest))
+    }
+}
+
+/// ONNX Runtime's arena holds the graph's intermediate tensors: about a dozen `[n, longest,
+/// hidden]` f32 activations and the attention scores, as for the candle encoder.
+fn activation_bytes(hidden: usize, n: usize, longest: usize) -> usize {
+    let hidden_states = n * longest * hidden * 4 * 16;
+    let scores = n * 12 * longest * longest * 4 * 2;
+    hidden_states + scores
+}
+
+fn loaded_info(dir: &ModelDir, pooling: Option<Pooling>, normalize: bool) -> LoadedEncoder {
+    LoadedEncoder {
+        architecture: dir.architecture,
+        dims: dir.hidden_size,
+        vocab_size: dir.vocab_size,
+        max_positions: dir.max_positions,
+        pooling,
+        normalize,
+        device: Device::Cpu,
+        dtype: hearth_engine::DType::F32,
+    }
+}
+
+pub struct OnnxEmbedder {
+    session: EncoderSession,
+    pooling: Pooling,
+    normalize: bool,
+    hidden: usize,
+}
+
+impl OnnxEmbedder {
+    /// Loads the folder's ONNX export on the CPU. ONNX Runtime must have been loaded already
+    /// ([`crate::onnx::onnx_environment`]); the loader does that with the configured library.
+    pub fn load(dir: &ModelDir, options: &EncoderOptions) -> Result<(Self, LoadedEncoder), BackendError> {
+        if let Head::SequenceClassification { .. } = dir.head {
+            return Err(BackendError::Unsupported(format!(
+                "{} holds a cross-encoder, which serves `kind = \"rerank\"`, not embeddings",
+                dir.path.display()
+            )));
+        }
+        let st = dir.sentence_transformers.as_ref();
+        let pooling = match (options.pooling, st.and_then(|st| st.pooling.clone())) {
+            (Some(pooling), _) | (None, Some(Ok(pooling))) => pooling,
+            (None, Some(Err(problem))) => return Err(onnx_error(dir, format!("{problem}; set `pooling`"))),
+            (None, None) => {
+                return Err(onnx_error(dir, "no sentence-transformers pooling config; set `pooling`"));
+            }
+        };
+        let normalize = options.normalize.unwrap_or_else(|| st.is_some_and(|st| st.normalize));
+        let session = EncoderSession::open(dir, options, "last_hidden_state")?;
+        let model = OnnxEmbedder { session, pooling, normalize, hidden: dir.hidden_size };
+        Ok((model, loaded_info(dir, Some(pooling), normalize)))
+    }
+}
+
+impl EncoderModel for OnnxEmbedder {
+    type Output = Vec<f32>;
+
+    fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<Vec<f32>>, BoxError> {
+        let n = batch.len();
         let hidden = self.hidden;
+        let (outputs, longest) = self.session.run(batch)?;
+        let (shape, states) = outputs["last_hidden_state"].try_extract_tensor::<f32>()?;
         if shape.len() != 3
             || shape[0] as usize != n
             || shape[1] as usize != longest
@@ -161,12 +186,66 @@ impl EncoderModel for OnnxEmbedder {
             .collect())
     }
 
-    /// ONNX Runtime's arena holds the graph's intermediate tensors: about a dozen `[n, longest,
-    /// hidden]` f32 activations and the attention scores, as for the candle encoder.
     fn activation_bytes(&self, n: usize, longest: usize) -> usize {
-        let hidden_states = n * longest * self.hidden * 4 * 16;
-        let scores = n * 12 * longest * longest * 4 * 2;
-        hidden_states + scores
+        activation_bytes(self.hidden, n, longest)
+    }
+
+    fn default_memory_budget(&self) -> usize {
+        1 << 30
+    }
+
+    fn default_batch_tokens(&self) -> usize {
+        crate::device::CPU_BATCH_TOKENS
+    }
+}
+
+/// A cross-encoder (`*ForSequenceClassification` with one label) on ONNX Runtime: one relevance
+/// logit per (query, document) pair, as [`crate::bert_family::CandleCrossEncoder`] returns.
+pub struct OnnxCrossEncoder {
+    session: EncoderSession,
+    hidden: usize,
+}
+
+impl OnnxCrossEncoder {
+    /// Loads the folder's ONNX export on the CPU; the folder's `config.json` must name a
+    /// sequence-classification head with one label.
+    pub fn load(dir: &ModelDir, options: &EncoderOptions) -> Result<(Self, LoadedEncoder), BackendError> {
+        match dir.head {
+            Head::SequenceClassification { num_labels: 1 } => {}
+            Head::SequenceClassification { num_labels } => {
+                return Err(onnx_error(
+                    dir,
+                    format!(
+                    "a {num_labels}-label classification head; a reranker needs exactly one relevance logit"
+                ),
+                ))
+            }
+            Head::None => {
+                return Err(onnx_error(dir, "no sequence-classification head, so not a cross-encoder"))
+            }
+        }
+        let session = EncoderSession::open(dir, options, "logits")?;
+        Ok((Self { session, hidden: dir.hidden_size }, loaded_info(dir, None, false)))
+    }
+}
+
+impl EncoderModel for OnnxCrossEncoder {
+    type Output = f32;
+
+    fn forward(&mut self, batch: &[&Sequence]) -> Result<Vec<f32>, BoxError> {
+        let n = batch.len();
+        let (outputs, _) = self.session.run(batch)?;
+        let (shape, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        if shape.len() != 2 || shape[0] as usize != n || shape[1] != 1 {
+            return Err(
+                format!("the ONNX export returned logits of shape {shape:?}, expected [{n}, 1]").into()
+            );
+        }
+        Ok(logits.to_vec())
+    }
+
+    fn activation_bytes(&self, n: usize, longest: usize) -> usize {
+        activation_bytes(self.hidden, n, longest)
     }
 
     fn default_memory_budget(&self) -> usize {
