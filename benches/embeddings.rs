@@ -7,7 +7,10 @@
 //!    and Hearth/peer ratios at batch 1 and 32;
 //! 3. latency of `POST /v1/embeddings` served in-process on 127.0.0.1 with 1, 16 and 64 concurrent
 //!    clients sending single-sentence requests back to back;
-//! 4. peak RSS after each phase.
+//! 4. peak RSS after each phase;
+//! 5. ingest-like traffic with 30% repeated texts, with and without the cache;
+//! 6. padding: 1,024 texts of mixed lengths in batches of 32, in arrival order and sorted by length
+//!    (padded tokens per batch from the worker's metrics).
 //!
 //! Results go to `benches/results/embeddings.json`; `benches/README.md` explains how to read them.
 //! Environment: `HEARTH_MODELS_DIR` (default `~/.cache/hearth/models`), `HEARTH_PEER_PYTHON` (default
@@ -76,8 +79,15 @@ async fn bench() {
     for max_batch_size in BATCH_SIZES {
         let result = measure_throughput(&models_dir, max_batch_size, &sentences).await;
         println!(
-            "  max_batch_size {:>3}: {:>7.1} sentences/s, {:>8.0} tokens/s ({:.1} tokens/sentence)",
-            max_batch_size, result.sentences_per_second, result.tokens_per_second, result.tokens_per_sentence
+            "  max_batch_size {:>3}: {:>7.1} sentences/s, {:>8.0} tokens/s ({:.1} tokens/sentence); \
+             RSS {:.0} MiB before the load, {:.0} after, peak {:.0}",
+            max_batch_size,
+            result.sentences_per_second,
+            result.tokens_per_second,
+            result.tokens_per_sentence,
+            result.memory.rss_before_load,
+            result.memory.rss_after_load,
+            result.memory.peak
         );
         throughput.push(result);
     }
@@ -110,6 +120,7 @@ async fn bench() {
     };
 
     let ingest = measure_ingest(&models_dir).await;
+    let padding = measure_padding(&models_dir).await;
 
     let (http, http_max_batch_size) = measure_http(&models_dir, &sentences, http_seconds).await;
     let peak_rss_after_http = peak_rss_mib_now();
@@ -128,6 +139,7 @@ async fn bench() {
         "throughput": throughput.iter().map(ThroughputResult::to_json).collect::<Vec<_>>(),
         "peer": peer_json,
         "ingest_30pct_repeats": ingest,
+        "padding_mixed_lengths": padding,
         "http": {
             "endpoint": "/v1/embeddings",
             "request": "one sentence per request, encoding_format float",
@@ -186,7 +198,25 @@ async fn shutdown(state: AppState) {
     tokio::task::spawn_blocking(move || registry.shutdown(deadline)).await.expect("the model workers stop");
 }
 
+/// A throughput phase's memory, MiB: the process before the model loads, after it loads, and its
+/// peak while the phase ran (`VmHWM` reset before the load).
+struct PhaseMemory {
+    rss_before_load: f64,
+    rss_after_load: f64,
+    peak: f64,
+}
+
+/// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux: `clear_refs` 5) and returns
+/// the current RSS, MiB.
+fn reset_peak_rss() -> f64 {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        println!("  (cannot reset the peak RSS: {e}; phase peaks include earlier phases)");
+    }
+    common::status_mib("self", "VmRSS")
+}
+
 struct ThroughputResult {
+    memory: PhaseMemory,
     max_batch_size: usize,
     sentences_per_second: f64,
     tokens_per_second: f64,
@@ -202,6 +232,11 @@ impl ThroughputResult {
             "tokens_per_second": round(self.tokens_per_second, 0),
             "tokens_per_sentence": round(self.tokens_per_sentence, 2),
             "run_seconds": self.run_seconds.iter().map(|&s| round(s, 3)).collect::<Vec<_>>(),
+            "memory_mib": {
+                "rss_before_load": round(self.memory.rss_before_load, 1),
+                "rss_after_load": round(self.memory.rss_after_load, 1),
+                "peak_during_phase": round(self.memory.peak, 1),
+            },
         })
     }
 }
@@ -214,7 +249,10 @@ async fn measure_throughput(
     sentences: &[String],
 ) -> ThroughputResult {
     let extra = format!("max_batch_size = {max_batch_size}\nmax_batch_tokens = {MAX_BATCH_TOKENS}\n");
+    // Memory of this phase alone: the peak is reset first (the previous phase's model is gone).
+    let rss_before_load = reset_peak_rss();
     let state = load_minilm(models_dir, &extra).await;
+    let rss_after_load = common::status_mib("self", "VmRSS");
     let served = ready_model(&state);
     let Served::Embedding(embedder) = &*served else { unreachable!("{MODEL} is an embedding model") };
     embed_all(embedder, sentences).await;
@@ -222,10 +260,12 @@ async fn measure_throughput(
     for _ in 0..TIMED_RUNS {
         runs.push(embed_all(embedder, sentences).await);
     }
+    let memory = PhaseMemory { rss_before_load, rss_after_load, peak: common::status_mib("self", "VmHWM") };
     drop(served);
     shutdown(state).await;
     let (seconds, n_tokens) = median_by_seconds(&runs);
     ThroughputResult {
+        memory,
         max_batch_size,
         sentences_per_second: sentences.len() as f64 / seconds,
         tokens_per_second: n_tokens as f64 / seconds,
@@ -270,6 +310,86 @@ async fn measure_ingest(models_dir: &Path) -> Value {
     results.insert("texts".into(), json!(texts.len()));
     results.insert("repeated".into(), json!(repeats));
     Value::Object(results)
+}
+
+/// Texts of mixed lengths (the first [`PADDING_TEXTS`] documents of retrieval-debian, 11 to 256
+/// tokens) in batches of 32, two ways: in arrival order (requests of 32 sent one after another, so
+/// each pass pads to the longest of 32 neighbours, what a batcher without length sorting carries),
+/// and all in one request, which the worker sorts longest first and cuts into passes of similar
+/// lengths. Padded and real tokens are read from the worker's own metrics
+/// (`hearth_batch_padded_tokens`, `hearth_tokens_processed_total`), not computed here.
+async fn measure_padding(models_dir: &Path) -> Value {
+    let texts: Vec<String> =
+        common::retrieval_debian::documents().iter().take(PADDING_TEXTS).map(|d| d.full_text()).collect();
+    let extra = format!("max_batch_size = 32\nmax_batch_tokens = {MAX_BATCH_TOKENS}\ntruncate = true\n");
+    let rss_before_load = reset_peak_rss();
+    let state = load_minilm(models_dir, &extra).await;
+    let served = ready_model(&state);
+    let Served::Embedding(embedder) = &*served else { unreachable!("{MODEL} is an embedding model") };
+    embed_all(embedder, &texts[..64]).await; // warm-up
+    let mut results = serde_json::Map::new();
+    for label in ["arrival_order", "sorted_by_length"] {
+        let before = batch_counters(&state);
+        let started = Instant::now();
+        if label == "arrival_order" {
+            for chunk in texts.chunks(32) {
+                embed_all(embedder, chunk).await;
+            }
+        } else {
+            embed_all(embedder, &texts).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let after = batch_counters(&state);
+        let (padded, real, batches) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+        let rate = texts.len() as f64 / seconds;
+        println!(
+            "  {} texts of mixed length, batches of 32, {label}: {rate:.1} texts/s, {:.0} padded tokens \
+             per batch ({:.1}% padding)",
+            texts.len(),
+            padded / batches,
+            100.0 * (padded - real) / padded
+        );
+        results.insert(
+            label.into(),
+            json!({
+                "texts_per_second": round(rate, 1),
+                "batches": batches,
+                "padded_tokens": padded,
+                "real_tokens": real,
+                "padded_tokens_per_batch": round(padded / batches, 1),
+                "padding_fraction": round((padded - real) / padded, 4),
+            }),
+        );
+    }
+    let peak = common::status_mib("self", "VmHWM");
+    println!("  (RSS {rss_before_load:.0} MiB before the load, peak {peak:.0} MiB during the phase)");
+    results.insert(
+        "memory_mib".into(),
+        json!({"rss_before_load": round(rss_before_load, 1), "peak_during_phase": round(peak, 1)}),
+    );
+    drop(served);
+    shutdown(state).await;
+    results.insert("texts".into(), json!(texts.len()));
+    Value::Object(results)
+}
+
+/// How many texts the padding phase embeds.
+const PADDING_TEXTS: usize = 1024;
+
+/// The worker's running totals for the bench's model: padded tokens, real tokens, batches.
+fn batch_counters(state: &AppState) -> (f64, f64, f64) {
+    let text = state.metrics.render();
+    let read = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("model=\"{MODEL}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        read("hearth_batch_padded_tokens_sum"),
+        read("hearth_tokens_processed_total"),
+        read("hearth_batch_padded_tokens_count"),
+    )
 }
 
 /// Seconds to embed `sentences` in one request, and the tokens the model read.

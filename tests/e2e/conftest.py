@@ -244,6 +244,67 @@ def server(log_dir, tmp_path_factory) -> HearthServer:
     srv.stop_gracefully()
 
 
+# The encoder backends the embeddings and rerank suites run against, each through a server of its
+# own: the offline config's MiniLM (ONNX Runtime, int8 export) and the same model's float weights on
+# candle. The two suites take `base_url`, `http` and `client` from `per_encoder_backend()`, so every
+# test in them runs once per backend.
+ENCODER_BACKENDS = ["onnx", "candle"]
+
+CANDLE_ENCODER_CONFIG = f"""
+[[models]]
+id = "{EMBED_MODEL}"
+preset = "all-minilm-l6-v2"
+source = "all-minilm-l6-v2"
+backend = "candle"
+cache_mib = 64
+
+[[models]]
+id = "{RERANK_MODEL}"
+kind = "rerank"
+embedding_model = "{EMBED_MODEL}"
+"""
+
+
+@pytest.fixture(scope="session")
+def candle_server(log_dir, tmp_path_factory) -> HearthServer:
+    """MiniLM's float weights on candle, under the offline config's ids for it and its reranker."""
+    config = tmp_path_factory.mktemp("hearth-candle") / "hearth.toml"
+    config.write_text(CANDLE_ENCODER_CONFIG)
+    srv = launch(
+        "candle-encoders",
+        lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
+        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+        log_dir,
+    )
+    yield srv
+    srv.stop_gracefully()
+
+
+def per_encoder_backend():
+    """Module-scoped `base_url`, `http` and `client` fixtures parametrized over ENCODER_BACKENDS;
+    a test module that binds them (`base_url, http, client = per_encoder_backend()`) runs each of
+    its tests against every backend."""
+
+    @pytest.fixture(name="base_url", scope="module", params=ENCODER_BACKENDS)
+    def backend_base_url(request) -> str:
+        name = "server" if request.param == "onnx" else "candle_server"
+        return request.getfixturevalue(name).base_url
+
+    @pytest.fixture(name="http", scope="module")
+    def backend_http(base_url):
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            yield c
+
+    @pytest.fixture(name="client", scope="module")
+    def backend_client(base_url):
+        import openai
+
+        with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+            yield c
+
+    return backend_base_url, backend_http, backend_client
+
+
 @pytest.fixture(scope="session")
 def base_url(server: HearthServer) -> str:
     return server.base_url

@@ -9,7 +9,10 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import EMBED_MODEL, OFFLINE_EMBED_MIN_COSINE, RERANK_MODEL, assert_error_shape, httpx
+from conftest import EMBED_MODEL, OFFLINE_EMBED_MIN_COSINE, RERANK_MODEL, assert_error_shape, httpx, per_encoder_backend
+
+# Every test runs against the ONNX Runtime (offline config) and candle servers.
+base_url, http, client = per_encoder_backend()
 
 DIMS = 384
 TEXTS = [

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import EMBED_MODEL, RERANK_MODEL, assert_error_shape
+from conftest import EMBED_MODEL, RERANK_MODEL, assert_error_shape, per_encoder_backend
+
+# Every test runs against the ONNX Runtime (offline config) and candle servers.
+base_url, http, client = per_encoder_backend()
 
 ROUTES = ["/v1/rerank", "/rerank"]
 QUERY = "What is the capital of France?"

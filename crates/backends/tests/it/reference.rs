@@ -238,3 +238,46 @@ fn attention_in_blocks_of_one_row_matches_attention_in_one_block() {
         assert!(diff < 1e-5, "{name}: blockwise attention differs by {diff}");
     }
 }
+
+/// The int8 products (`BertEncoder::with_int8_products`, measured in benches/encoder_routes.rs) keep
+/// the mean-pooled embeddings of every reference case within cosine 0.99 of the float64 reference;
+/// skipped on CPUs without AVX-512 VNNI, where they are refused.
+#[test]
+fn int8_products_stay_within_cosine_099_of_the_reference() {
+    use hearth_backends::bert::{mean_pool, BertEncoder, EncoderConfig, PaddedBatch};
+    let name = "tiny-bert-embed";
+    let dir = inspect(name);
+    let reference: EmbedReference = read(name);
+    let config: EncoderConfig =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap()).unwrap();
+    let files = [fixture(name).join("model.safetensors")];
+    // SAFETY: test fixtures are not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &files,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+    }
+    .unwrap();
+    let encoder = BertEncoder::load(vb, &config, dir.architecture, dir.pad_token_id).unwrap();
+    let encoder = match encoder.with_int8_products() {
+        Ok(encoder) => encoder,
+        Err(e) if !hearth_backends::int8::available() => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let batch = PaddedBatch::new(
+        reference.cases.iter().map(|c| (c.input_ids.as_slice(), c.token_type_ids.as_slice())),
+        dir.pad_token_id,
+    );
+    let pooled = mean_pool(&encoder.forward(&batch).unwrap(), &batch).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 1f32;
+    for (ours, case) in pooled.iter().zip(&reference.cases) {
+        worst = worst.min(hearth_engine::vector::cosine(ours, &case.pooled.mean));
+    }
+    eprintln!("int8 products: worst cosine to the float64 reference {worst:.5}");
+    assert!(worst >= 0.99, "worst cosine {worst}");
+}
