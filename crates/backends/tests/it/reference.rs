@@ -206,46 +206,11 @@ fn wrong_heads_are_refused_with_a_reason() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
-#[test]
-fn attention_in_blocks_of_one_row_matches_attention_in_one_block() {
+/// A tiny fixture's bare encoder in f32 on the CPU, its reference cases as one padded batch.
+fn tiny_encoder(
+    name: &str,
+) -> (hearth_backends::bert::BertEncoder, hearth_backends::bert::PaddedBatch, EmbedReference) {
     use hearth_backends::bert::{BertEncoder, EncoderConfig, PaddedBatch};
-    for name in ["tiny-bert-embed", "tiny-xlmr-embed"] {
-        let dir = inspect(name);
-        let reference: EmbedReference = read(name);
-        let config: EncoderConfig =
-            serde_json::from_str(&std::fs::read_to_string(fixture(name).join("config.json")).unwrap())
-                .unwrap();
-        let load = || {
-            let files = [fixture(name).join("model.safetensors")];
-            // SAFETY: test fixtures are not modified while mapped.
-            let vb = unsafe {
-                candle_nn::VarBuilder::from_mmaped_safetensors(
-                    &files,
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                )
-            }
-            .unwrap();
-            BertEncoder::load(vb, &config, dir.architecture, dir.pad_token_id).unwrap()
-        };
-        let batch = PaddedBatch::new(
-            reference.cases.iter().map(|c| (c.input_ids.as_slice(), c.token_type_ids.as_slice())),
-            dir.pad_token_id,
-        );
-        let whole = load().forward(&batch).unwrap();
-        let by_row = load().with_attention_block_bytes(1).forward(&batch).unwrap();
-        let diff = (whole - by_row).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "{name}: blockwise attention differs by {diff}");
-    }
-}
-
-/// The int8 products (`BertEncoder::with_int8_products`, measured in benches/encoder_routes.rs) keep
-/// the mean-pooled embeddings of every reference case within cosine 0.99 of the float64 reference;
-/// skipped on CPUs without AVX-512 VNNI, where they are refused.
-#[test]
-fn int8_products_stay_within_cosine_099_of_the_reference() {
-    use hearth_backends::bert::{mean_pool, BertEncoder, EncoderConfig, PaddedBatch};
-    let name = "tiny-bert-embed";
     let dir = inspect(name);
     let reference: EmbedReference = read(name);
     let config: EncoderConfig =
@@ -261,6 +226,31 @@ fn int8_products_stay_within_cosine_099_of_the_reference() {
     }
     .unwrap();
     let encoder = BertEncoder::load(vb, &config, dir.architecture, dir.pad_token_id).unwrap();
+    let batch = PaddedBatch::new(
+        reference.cases.iter().map(|c| (c.input_ids.as_slice(), c.token_type_ids.as_slice())),
+        dir.pad_token_id,
+    );
+    (encoder, batch, reference)
+}
+
+#[test]
+fn attention_in_blocks_of_one_row_matches_attention_in_one_block() {
+    for name in ["tiny-bert-embed", "tiny-xlmr-embed"] {
+        let (whole, batch, _) = tiny_encoder(name);
+        let (by_row, _, _) = tiny_encoder(name);
+        let whole = whole.forward(&batch).unwrap();
+        let by_row = by_row.with_attention_block_bytes(1).forward(&batch).unwrap();
+        let diff = (whole - by_row).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{name}: blockwise attention differs by {diff}");
+    }
+}
+
+/// The int8 products (`BertEncoder::with_int8_products`, measured in benches/encoder_routes.rs) keep
+/// the mean-pooled embeddings of every reference case within cosine 0.99 of the float64 reference;
+/// skipped on CPUs without AVX-512 VNNI, where they are refused.
+#[test]
+fn int8_products_stay_within_cosine_099_of_the_reference() {
+    let (encoder, batch, reference) = tiny_encoder("tiny-bert-embed");
     let encoder = match encoder.with_int8_products() {
         Ok(encoder) => encoder,
         Err(e) if !hearth_backends::int8::available() => {
@@ -269,11 +259,8 @@ fn int8_products_stay_within_cosine_099_of_the_reference() {
         }
         Err(e) => panic!("{e}"),
     };
-    let batch = PaddedBatch::new(
-        reference.cases.iter().map(|c| (c.input_ids.as_slice(), c.token_type_ids.as_slice())),
-        dir.pad_token_id,
-    );
-    let pooled = mean_pool(&encoder.forward(&batch).unwrap(), &batch).unwrap().to_vec2::<f32>().unwrap();
+    let states = encoder.forward(&batch).unwrap();
+    let pooled = hearth_backends::bert::mean_pool(&states, &batch).unwrap().to_vec2::<f32>().unwrap();
     let mut worst = 1f32;
     for (ours, case) in pooled.iter().zip(&reference.cases) {
         worst = worst.min(hearth_engine::vector::cosine(ours, &case.pooled.mean));
