@@ -451,8 +451,8 @@ impl Loader {
         Ok(Embedder::new(service, info).with_cache(encoder.cache_bytes))
     }
 
-    /// Whether an encoder (embedder or cross-encoder) runs on ONNX Runtime: asked for, or `auto` with an ONNX export in the
-    /// folder, ONNX Runtime in the build and the CPU as the device.
+    /// Whether an encoder (embedder or cross-encoder) runs on ONNX Runtime: asked for, or `auto`
+    /// with an ONNX export in the folder, ONNX Runtime in the build and the CPU as the device.
     fn onnx_backend(
         &self,
         config: &ModelConfig,

@@ -288,8 +288,6 @@ impl BertEncoder {
         })
     }
 
-    /// Smaller attention blocks than [`ATTENTION_BLOCK_BYTES`]: lets tests run the blockwise path
-    /// on small inputs.
     /// Runs the layers' products on [`crate::int8`] (int8 weights per output row, activations per
     /// 128-input block, AVX-512 VNNI), the rest in f32: Whisper's int8 encoder arithmetic applied to
     /// BERT. Measured against f32 and ONNX Runtime's int8 in `benches/encoder_routes.rs`; not a
@@ -309,6 +307,8 @@ impl BertEncoder {
         Ok(self)
     }
 
+    /// Smaller attention blocks than [`ATTENTION_BLOCK_BYTES`]: lets tests run the blockwise path
+    /// on small inputs.
     pub fn with_attention_block_bytes(mut self, bytes: usize) -> Self {
         self.attention_block_bytes = bytes;
         self
