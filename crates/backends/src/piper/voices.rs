@@ -111,6 +111,9 @@ impl PiperVoices {
             }
             Device::Auto | Device::Cpu => {}
         }
+        // No memory pattern: every sentence is a new input shape, for which ONNX Runtime would plan
+        // and keep allocations (joe-medium over 40 sentences: peak 276 → 239 MiB, the same speed).
+        let mut builder = builder.with_memory_pattern(false).map_err(|e| ort_error(model, e))?;
         builder.commit_from_file(model).map_err(|e| ort_error(model, e))
     }
 
