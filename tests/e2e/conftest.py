@@ -265,17 +265,23 @@ embedding_model = "{EMBED_MODEL}"
 """
 
 
-@pytest.fixture(scope="session")
-def candle_server(log_dir, tmp_path_factory) -> HearthServer:
-    """MiniLM's float weights on candle, under the offline config's ids for it and its reranker."""
-    config = tmp_path_factory.mktemp("hearth-candle") / "hearth.toml"
-    config.write_text(CANDLE_ENCODER_CONFIG)
-    srv = launch(
-        "candle-encoders",
+def serve_config(name: str, config_text: str, tmp_path_factory, log_dir: Path) -> HearthServer:
+    """`hearth serve` on a config file holding `config_text` (in a fresh temporary directory), with
+    the offline models directory; ready when it returns."""
+    config = tmp_path_factory.mktemp(name) / "hearth.toml"
+    config.write_text(config_text)
+    return launch(
+        name,
         lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
         lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
         log_dir,
     )
+
+
+@pytest.fixture(scope="session")
+def candle_server(log_dir, tmp_path_factory) -> HearthServer:
+    """MiniLM's float weights on candle, under the offline config's ids for it and its reranker."""
+    srv = serve_config("candle-encoders", CANDLE_ENCODER_CONFIG, tmp_path_factory, log_dir)
     yield srv
     srv.stop_gracefully()
 

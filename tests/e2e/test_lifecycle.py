@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from conftest import EMBED_MODEL, assert_error_shape, base_env, httpx, launch, models_dir
+from conftest import EMBED_MODEL, assert_error_shape, base_env, httpx, launch, models_dir, serve_config
 
 ADMIN_KEY = "hk-e2e-admin-6e5d4c3b2a190817"
 USER_KEY = "hk-e2e-user-1a2b3c4d5e6f7a8b"
@@ -17,9 +17,8 @@ USER_KEY = "hk-e2e-user-1a2b3c4d5e6f7a8b"
 
 @pytest.fixture(scope="module")
 def lazy(tmp_path_factory, log_dir):
-    root = tmp_path_factory.mktemp("lifecycle")
-    config = root / "hearth.toml"
-    config.write_text(
+    server = serve_config(
+        "lifecycle",
         f"""
 [[auth.keys]]
 name = "ops"
@@ -36,12 +35,8 @@ kind = "embedding"
 source = "{EMBED_MODEL}"
 preload = false
 keep_alive = 0
-"""
-    )
-    server = launch(
-        "lifecycle",
-        lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
-        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+""",
+        tmp_path_factory,
         log_dir,
     )
     yield server

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import EMBED_MODEL, base_env, httpx, launch, models_dir
+from conftest import EMBED_MODEL, httpx, serve_config
 
 PREMIUM_KEY = "hk-e2e-premium-9f8e7d6c5b4a3921"
 STANDARD_KEY = "hk-e2e-standard-1029384756abcdef"
@@ -19,8 +19,8 @@ SENTENCES = [f"Sentence {i} about the mill, the river and the town that grew aro
 
 @pytest.fixture(scope="module")
 def classed(tmp_path_factory, log_dir):
-    config = tmp_path_factory.mktemp("priority") / "hearth.toml"
-    config.write_text(
+    server = serve_config(
+        "priority",
         f"""
 [server]
 max_queue_wait_ms = 0
@@ -38,12 +38,8 @@ key = "{STANDARD_KEY}"
 id = "{EMBED_MODEL}"
 kind = "embedding"
 source = "{EMBED_MODEL}"
-"""
-    )
-    server = launch(
-        "priority",
-        lambda port: ["serve", "--config", str(config), "--port", str(port), "--log-format", "json"],
-        lambda port: base_env(HEARTH_MODELS_DIR=str(models_dir())),
+""",
+        tmp_path_factory,
         log_dir,
     )
     yield server
