@@ -25,9 +25,10 @@ RUN if ! command -v cargo >/dev/null; then \
     fi
 ENV PATH=/root/.cargo/bin:${PATH}
 # libopus for Opus audio (ogg and webm uploads and speech), found through pkg-config; espeak-ng for
-# text to speech's phonemes; pip for ONNX Runtime's wheel (scripts/fetch-models).
+# text to speech's phonemes and libavcodec for its AAC output (bindings generated with libclang);
+# pip for ONNX Runtime's wheel (scripts/fetch-models).
 RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libopus-dev libespeak-ng-dev \
-       python3-pip \
+       libavcodec-dev libclang-dev python3-pip \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -51,6 +52,7 @@ RUN --mount=type=cache,target=/root/.cargo/registry \
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libopus0 libespeak-ng1 \
+       libavcodec59 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/hearth hearth \
     && install -d -o hearth -g hearth /var/lib/hearth/models

@@ -164,6 +164,7 @@ async fn every_format_decodes_back_to_the_same_duration() {
     for (format, content_type) in [
         ("mp3", "audio/mpeg"),
         ("opus", "audio/ogg; codecs=opus"),
+        ("aac", "audio/aac"),
         ("flac", "audio/flac"),
         ("wav", "audio/wav"),
     ] {
@@ -290,7 +291,7 @@ async fn bad_requests_get_clear_400s() {
         (with("input", json!("word ".repeat(41))), "input"),
         (with("speed", json!(0.1)), "speed"),
         (with("speed", json!(4.5)), "speed"),
-        (with("response_format", json!("aac")), "response_format"),
+        (with("response_format", json!("m4a")), "response_format"),
         (with("response_format", json!("ogg")), "response_format"),
         (with("stream_format", json!("chunks")), "stream_format"),
         (with("temperature", json!(1)), "temperature"),
@@ -301,8 +302,8 @@ async fn bad_requests_get_clear_400s() {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.text);
         assert_eq!(reply.body["error"]["param"], param, "{body}: {}", reply.text);
     }
-    let aac = speak(&app, with("response_format", json!("aac"))).await;
-    assert!(aac.message().contains("`mp3`, `opus`, `flac`, `wav`, `pcm`"), "{}", aac.text);
+    let m4a = speak(&app, with("response_format", json!("m4a"))).await;
+    assert!(m4a.message().contains("`mp3`, `opus`, `aac`, `flac`, `wav`, `pcm`"), "{}", m4a.text);
     let unknown_voice = speak(&app, with("voice", json!("nobody"))).await;
     assert!(unknown_voice.message().contains(VOICE), "lists the voices: {}", unknown_voice.text);
     let wrong_kind = speak(&app, with("model", json!("whisper"))).await;

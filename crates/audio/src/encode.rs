@@ -1,6 +1,6 @@
 //! Audio out: mono f32 samples to the files OpenAI's speech endpoint returns. Every encoder is a
-//! library (LAME for mp3, libopus in an Ogg container, flacenc for FLAC); WAV and raw PCM are
-//! written directly. An [`Encoder`] takes samples as they are synthesized and hands back the bytes
+//! library (LAME for mp3, libopus in an Ogg container, FFmpeg's libavcodec for AAC in ADTS with
+//! the `aac` feature, flacenc for FLAC); WAV and raw PCM are written directly. An [`Encoder`] takes samples as they are synthesized and hands back the bytes
 //! that are ready, so a response can stream sentence by sentence; [`Encoder::finish`] flushes the
 //! rest.
 
@@ -18,6 +18,8 @@ use crate::error::AudioError;
 pub enum AudioFormat {
     Mp3,
     Opus,
+    /// AAC-LC in ADTS frames; only a binary built with the `aac` feature writes it.
+    Aac,
     Flac,
     Wav,
     /// Raw 16-bit little-endian mono samples, no header.
@@ -26,17 +28,23 @@ pub enum AudioFormat {
 
 impl AudioFormat {
     /// Every format this build can write, in OpenAI's order.
-    pub const SUPPORTED: [AudioFormat; 5] = [Self::Mp3, Self::Opus, Self::Flac, Self::Wav, Self::Pcm];
+    #[cfg(feature = "aac")]
+    pub const SUPPORTED: &'static [AudioFormat] =
+        &[Self::Mp3, Self::Opus, Self::Aac, Self::Flac, Self::Wav, Self::Pcm];
+    /// Every format this build can write, in OpenAI's order (`aac` needs the `aac` feature).
+    #[cfg(not(feature = "aac"))]
+    pub const SUPPORTED: &'static [AudioFormat] = &[Self::Mp3, Self::Opus, Self::Flac, Self::Wav, Self::Pcm];
 
-    /// The format OpenAI calls `name`; `None` for one this build cannot write (`aac` among them).
+    /// The format OpenAI calls `name`; `None` for one this build cannot write.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::SUPPORTED.into_iter().find(|format| format.name() == name)
+        Self::SUPPORTED.iter().copied().find(|format| format.name() == name)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Mp3 => "mp3",
             Self::Opus => "opus",
+            Self::Aac => "aac",
             Self::Flac => "flac",
             Self::Wav => "wav",
             Self::Pcm => "pcm",
@@ -48,6 +56,7 @@ impl AudioFormat {
         match self {
             Self::Mp3 => "audio/mpeg",
             Self::Opus => "audio/ogg; codecs=opus",
+            Self::Aac => "audio/aac",
             Self::Flac => "audio/flac",
             Self::Wav => "audio/wav",
             Self::Pcm => "audio/pcm",
@@ -80,6 +89,8 @@ enum Inner {
     },
     Mp3(Box<mp3lame_encoder::Encoder>),
     Opus(Box<OpusOgg>),
+    #[cfg(feature = "aac")]
+    Aac(Box<crate::aac::AacAdts>),
     Flac(Box<Flac>),
 }
 
@@ -101,6 +112,12 @@ impl Encoder {
                 Inner::Mp3(Box::new(builder.build().map_err(|e| encoder_error("mp3", e))?))
             }
             AudioFormat::Opus => Inner::Opus(Box::new(OpusOgg::new(sample_rate_hz)?)),
+            #[cfg(feature = "aac")]
+            AudioFormat::Aac => Inner::Aac(Box::new(crate::aac::AacAdts::new(sample_rate_hz)?)),
+            #[cfg(not(feature = "aac"))]
+            AudioFormat::Aac => {
+                return Err(encoder_error("aac", "this binary was built without the `aac` feature"))
+            }
             AudioFormat::Flac => Inner::Flac(Box::new(Flac::new(sample_rate_hz, streaming)?)),
         };
         Ok(Encoder { sample_rate_hz, inner })
@@ -136,6 +153,8 @@ impl Encoder {
                 Ok(out)
             }
             Inner::Opus(opus) => opus.push(samples),
+            #[cfg(feature = "aac")]
+            Inner::Aac(aac) => aac.push(samples),
             Inner::Flac(flac) => flac.push(samples),
         }
     }
@@ -163,6 +182,8 @@ impl Encoder {
                 Ok(out)
             }
             Inner::Opus(opus) => opus.finish(),
+            #[cfg(feature = "aac")]
+            Inner::Aac(aac) => aac.finish(),
             Inner::Flac(flac) => flac.finish(),
         }
     }
@@ -390,6 +411,12 @@ mod tests {
         (0..n).map(|i| 0.5 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / rate as f32).sin()).collect()
     }
 
+    fn correlation(a: &[f32], b: &[f32]) -> f64 {
+        let dot =
+            |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| f64::from(*p) * f64::from(*q)).sum::<f64>();
+        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+    }
+
     fn encode(format: AudioFormat, streaming: bool, samples: &[f32], chunk: usize) -> Vec<u8> {
         let mut encoder = Encoder::new(format, 24_000, streaming).unwrap();
         let mut out = Vec::new();
@@ -405,7 +432,8 @@ mod tests {
     #[test]
     fn every_format_decodes_back_to_its_length() {
         let samples = tone(24_000, 2.5);
-        for format in [AudioFormat::Mp3, AudioFormat::Opus, AudioFormat::Flac, AudioFormat::Wav] {
+        let lossy = [AudioFormat::Mp3, AudioFormat::Opus, AudioFormat::Aac];
+        for &format in AudioFormat::SUPPORTED.iter().filter(|f| **f != AudioFormat::Pcm) {
             for streaming in [false, true] {
                 if format == AudioFormat::Wav && streaming {
                     continue; // unknown sizes: checked below
@@ -414,9 +442,25 @@ mod tests {
                 let decoded = decode(&bytes, &DecodeLimits::default())
                     .unwrap_or_else(|e| panic!("{format:?} streaming={streaming}: {e}"));
                 let secs = decoded.samples.len() as f64 / f64::from(decoded.sample_rate_hz);
-                assert!((secs - 2.5).abs() < 2.5 * 0.02, "{format:?} streaming={streaming}: {secs} s");
+                // ADTS cannot mark the encoder's priming (1,024 samples) or the last frame's
+                // padding for removal, so AAC decodes up to two frames (85 ms) long.
+                let slack = if format == AudioFormat::Aac { 2048.0 / 24_000.0 } else { 0.0 };
+                assert!(
+                    secs >= 2.5 * 0.98 && secs <= 2.5 * 1.02 + slack,
+                    "{format:?} streaming={streaming}: {secs} s"
+                );
                 let peak = decoded.samples.iter().fold(0f32, |m, s| m.max(s.abs()));
                 assert!((0.4..0.6).contains(&peak), "{format:?}: peak {peak}");
+                if lossy.contains(&format) {
+                    // The tone itself comes back, not just something of the right length: the
+                    // decoded signal's best alignment with the input (codec delays differ)
+                    // correlates almost perfectly.
+                    let back = crate::resample(&decoded.samples, decoded.sample_rate_hz, 24_000).unwrap();
+                    let best = (0..3_000)
+                        .map(|lag| correlation(&samples[..48_000], &back[lag..lag + 48_000]))
+                        .fold(f64::MIN, f64::max);
+                    assert!(best > 0.98, "{format:?} streaming={streaming}: correlation {best}");
+                }
             }
         }
     }
@@ -451,7 +495,7 @@ mod tests {
 
     #[test]
     fn streamed_encoders_emit_bytes_before_the_end() {
-        for format in [AudioFormat::Mp3, AudioFormat::Opus, AudioFormat::Flac, AudioFormat::Pcm] {
+        for &format in AudioFormat::SUPPORTED.iter().filter(|f| **f != AudioFormat::Wav) {
             let mut encoder = Encoder::new(format, 24_000, true).unwrap();
             let first = encoder.push(&tone(24_000, 1.0)).unwrap();
             assert!(!first.is_empty(), "{format:?} held back a whole second of audio");
@@ -461,8 +505,10 @@ mod tests {
     #[test]
     fn names_and_content_types() {
         assert_eq!(AudioFormat::from_name("opus"), Some(AudioFormat::Opus));
-        assert_eq!(AudioFormat::from_name("aac"), None);
+        assert_eq!(AudioFormat::from_name("aac").is_some(), cfg!(feature = "aac"));
+        assert_eq!(AudioFormat::from_name("m4a"), None);
         assert_eq!(AudioFormat::Mp3.content_type(), "audio/mpeg");
+        assert_eq!(AudioFormat::Aac.content_type(), "audio/aac");
         assert!(Encoder::new(AudioFormat::Opus, 22_050, false).is_err());
     }
 }

@@ -1,12 +1,14 @@
 //! Audio in and out for Hearth's speech models: decode an upload in any common format to mono
 //! samples, resample it to the rate a model wants, compute Whisper's log-mel features, and encode
-//! synthesized speech as mp3, opus, flac, wav or pcm.
+//! synthesized speech as mp3, opus, aac (with the `aac` feature), flac, wav or pcm.
 //!
 //! Pure functions over byte slices and sample vectors: no models, no threads, no I/O beyond the
 //! bytes handed in, so every step is tested in milliseconds. Bad input of every kind comes back as
 //! an [`AudioError`] that names the problem in words a client can act on; nothing here panics on
 //! request data.
 
+#[cfg(feature = "aac")]
+mod aac;
 mod decode;
 mod encode;
 mod error;
