@@ -4,8 +4,12 @@
 #   CUDA: docker build -t hearth:cuda --build-arg FEATURES=cuda --build-arg CUDA_COMPUTE_CAP=90 .
 #         (the same steps as scripts/build-cuda: NVIDIA's CUDA 13.4 toolchain from PyPI wheels; the
 #         image carries the CUDA runtime libraries, the NVIDIA container runtime adds the driver)
-# Text to speech (`tts`: espeak-ng, GPL-3.0, so the image is GPL-3.0 as a whole) is on by default;
-# `--build-arg FEATURES=""` builds an Apache-2.0-only image without it.
+# Text to speech (`tts`: espeak-ng and libavcodec, GPL, so the image is GPL-3.0 as a whole) and
+# whisper.cpp as a second speech-to-text backend (`whisper-cpp`, MIT) are on by default;
+# `--build-arg FEATURES="whisper-cpp"` builds an Apache-2.0-only image without text to speech.
+# whisper.cpp is built for x86-64-v3 (AVX2, FMA, F16C) rather than for the build machine's own
+# CPU; for older CPUs pass `--build-arg GGML_AVX2=OFF --build-arg GGML_FMA=OFF` (the `GGML_*`
+# arguments below).
 # OpenTelemetry trace export: add `otlp` to FEATURES (e.g. `FEATURES="tts otlp"`, `"cuda tts otlp"`).
 # Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
 # Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
@@ -17,8 +21,17 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${BUILD_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ARG FEATURES="tts"
+ARG FEATURES="tts whisper-cpp"
 ARG CUDA_COMPUTE_CAP="90"
+# whisper.cpp's CPU code (whisper-rs-sys passes GGML_* variables to its cmake build): portable, not
+# tuned to the machine that builds the image.
+ARG GGML_NATIVE=OFF
+ARG GGML_AVX=ON
+ARG GGML_AVX2=ON
+ARG GGML_FMA=ON
+ARG GGML_F16C=ON
+ENV GGML_NATIVE=${GGML_NATIVE} GGML_AVX=${GGML_AVX} GGML_AVX2=${GGML_AVX2} GGML_FMA=${GGML_FMA} \
+    GGML_F16C=${GGML_F16C}
 RUN if ! command -v cargo >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
       && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
@@ -26,9 +39,9 @@ RUN if ! command -v cargo >/dev/null; then \
 ENV PATH=/root/.cargo/bin:${PATH}
 # libopus for Opus audio (ogg and webm uploads and speech), found through pkg-config; espeak-ng for
 # text to speech's phonemes and libavcodec for its AAC output (bindings generated with libclang);
-# pip for ONNX Runtime's wheel (scripts/fetch-models).
+# pip for ONNX Runtime's wheel (scripts/fetch-models); cmake for whisper.cpp.
 RUN apt-get update && apt-get install -y --no-install-recommends pkg-config libopus-dev libespeak-ng-dev \
-       libavcodec-dev libclang-dev python3-pip \
+       libavcodec-dev libclang-dev python3-pip cmake \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
