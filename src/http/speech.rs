@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use base64::Engine as _;
 use futures::stream::{self, Stream, StreamExt};
-use hearth_audio::{AudioFormat, Encoder};
+use hearth_audio::{AudioFormat, Encoder, StreamResampler};
 use hearth_engine::registry::{LoadState, Served};
 use hearth_engine::synthesize::service::OPENAI_VOICES;
 use hearth_engine::synthesize::{SpeechRequest, SpeechStream, Synthesize};
@@ -186,39 +186,37 @@ pub async fn create(
     labelled(&state, &model, result)
 }
 
-/// The encoded bytes of each sentence as it arrives (resampled to 24 kHz and encoded off the
-/// runtime), then the encoder's tail. An error ends the stream after what was sent.
+/// The encoded bytes of each chunk of speech as it arrives (resampled to 24 kHz as one stream,
+/// so pieces of a sentence join without a seam, and encoded off the runtime), then the
+/// resampler's and the encoder's tails. An error ends the stream after what was sent.
 fn encoded(speech: SpeechStream, encoder: Encoder) -> impl Stream<Item = Result<Bytes, EngineError>> + Send {
     struct Progress {
         speech: SpeechStream,
-        encoder: Option<Encoder>,
+        work: Option<(StreamResampler, Encoder)>,
     }
-    stream::unfold(Some(Progress { speech, encoder: Some(encoder) }), |progress| async move {
-        let mut progress = progress?;
+    let resampler = StreamResampler::new(speech.sample_rate_hz, OUTPUT_SAMPLE_RATE_HZ);
+    let start = resampler.map(|resampler| Progress { speech, work: Some((resampler, encoder)) });
+    stream::unfold(Some(start), |progress| async move {
+        let mut progress = match progress? {
+            Ok(progress) => progress,
+            Err(error) => return Some((Err(EngineError::Audio(error)), None)),
+        };
         loop {
-            let mut encoder = progress.encoder.take()?;
+            let (mut resampler, mut encoder) = progress.work.take()?;
             match progress.speech.chunks.recv().await {
                 Some(Ok(chunk)) => {
                     let work = tokio::task::spawn_blocking(move || {
-                        let samples = if chunk.sample_rate_hz == OUTPUT_SAMPLE_RATE_HZ {
-                            chunk.samples
-                        } else {
-                            hearth_audio::resample(
-                                &chunk.samples,
-                                chunk.sample_rate_hz,
-                                OUTPUT_SAMPLE_RATE_HZ,
-                            )?
-                        };
+                        let samples = resampler.push(&chunk.samples)?;
                         let bytes = encoder.push(&samples)?;
-                        Ok::<_, hearth_audio::AudioError>((encoder, bytes))
+                        Ok::<_, hearth_audio::AudioError>((resampler, encoder, bytes))
                     });
                     match work.await {
-                        Ok(Ok((encoder, bytes))) => {
-                            progress.encoder = Some(encoder);
+                        Ok(Ok((resampler, encoder, bytes))) => {
+                            progress.work = Some((resampler, encoder));
                             if bytes.is_empty() {
                                 continue;
                             }
-                            return Some((Ok(Bytes::from(bytes)), Some(progress)));
+                            return Some((Ok(Bytes::from(bytes)), Some(Ok(progress))));
                         }
                         Ok(Err(error)) => return Some((Err(EngineError::Audio(error)), None)),
                         Err(join) => {
@@ -228,7 +226,12 @@ fn encoded(speech: SpeechStream, encoder: Encoder) -> impl Stream<Item = Result<
                 }
                 Some(Err(error)) => return Some((Err(error), None)),
                 None => {
-                    let tail = tokio::task::spawn_blocking(move || encoder.finish()).await;
+                    let tail = tokio::task::spawn_blocking(move || {
+                        let mut bytes = encoder.push(&resampler.finish()?)?;
+                        bytes.extend(encoder.finish()?);
+                        Ok::<_, hearth_audio::AudioError>(bytes)
+                    })
+                    .await;
                     return match tail {
                         Ok(Ok(bytes)) if bytes.is_empty() => None,
                         Ok(Ok(bytes)) => Some((Ok(Bytes::from(bytes)), None)),

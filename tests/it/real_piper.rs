@@ -123,6 +123,40 @@ fn sentences_match_piper_tts() {
     }
 }
 
+/// The voice is cut before its vocoder when it loads (checked there against the whole graph), so
+/// a request's first sentence is made in pieces: the first 0.3 s, then the rest, each decoded
+/// with context frames on both sides. Joined, they are the sentence made whole; once the voice
+/// has spoken, the gain of a sentence in pieces is that sentence's own. A receiver that stops
+/// after the first piece stops the work.
+#[test]
+fn a_sentence_in_pieces_is_the_whole_sentence() {
+    let mut voices = quiet_voices();
+    let ids = voices.sentences(VOICE, "The backup job finished at half past two.").unwrap().remove(0);
+    let whole = voices.render(VOICE, &ids, 1.0).unwrap();
+    let mut pieces = Vec::new();
+    voices
+        .render_pieces(VOICE, &ids, 1.0, &mut |piece| {
+            pieces.push(piece);
+            true
+        })
+        .unwrap();
+    assert_eq!(pieces.len(), 2, "a first piece, then the rest");
+    let first = pieces[0].len() as f32 / 22_050.0;
+    assert!((0.29..0.32).contains(&first), "the first piece lasts {first} s");
+    let joined = pieces.concat();
+    assert_eq!(joined.len(), whole.len());
+    let worst = joined.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "worst difference {worst} from the whole sentence");
+    let mut calls = 0;
+    voices
+        .render_pieces(VOICE, &ids, 1.0, &mut |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+    assert_eq!(calls, 1, "no second piece after the receiver stopped");
+}
+
 /// Speech on the router, deterministic (noise 0), with Whisper base to listen.
 async fn speech_app(extra: &str) -> App {
     assert!(voice_dir().is_dir());
@@ -229,8 +263,9 @@ async fn whisper_hears_the_sentences_back() {
     assert!(wer <= 0.06, "WER {wer:.3} ({errors} errors in {total} words)");
 }
 
-/// `stream_format=audio` sends each sentence's bytes as it is ready (one body frame per sentence
-/// for pcm, before the next is rendered); `sse` sends base64 deltas, then `speech.audio.done`.
+/// `stream_format=audio` sends each piece's bytes as it is ready (the first sentence's first
+/// 0.3 s, the rest of it, then one body frame per sentence for pcm, before the next is rendered);
+/// `sse` sends base64 deltas, then `speech.audio.done`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_sentence_by_sentence() {
     let app = speech_app("").await;
@@ -250,8 +285,13 @@ async fn streams_sentence_by_sentence() {
             frames.push(data.len());
         }
     }
-    assert_eq!(frames.len(), 3, "one frame per sentence: {frames:?}");
-    assert!(frames.iter().all(|&n| n > 24_000), "each frame holds a whole sentence: {frames:?}");
+    // The first sentence's first 0.3 s (less what the 24 kHz resampler holds back until more
+    // comes), the rest of it, the second and third sentences, then the resampler's tail.
+    assert_eq!(frames.len(), 5, "a piece, then one frame per piece or sentence, then the tail: {frames:?}");
+    let first = frames[0] as f64 / 2.0 / 24_000.0;
+    assert!((0.15..0.31).contains(&first), "the first frame is the first 0.3 s: {first} s ({frames:?})");
+    assert!(frames[1..4].iter().all(|&n| n > 48_000), "then the rest, sentence by sentence: {frames:?}");
+    assert!(frames[4] < 8_000, "the tail is what the resampler held back: {frames:?}");
 
     let sse = speak(&app, json!({"model": "joe", "input": THREE, "voice": "alloy", "response_format": "mp3", "stream_format": "sse"})).await;
     assert_eq!(sse.status, StatusCode::OK);

@@ -19,7 +19,7 @@ pub use decode::{decode, DecodeLimits, Decoded};
 pub use encode::{AudioFormat, Encoder};
 pub use error::AudioError;
 pub use mel::{LogMel, MelConfig};
-pub use resample::resample;
+pub use resample::{resample, StreamResampler};
 
 /// The sample rate every Whisper model expects.
 pub const WHISPER_SAMPLE_RATE_HZ: u32 = 16_000;

@@ -14,40 +14,123 @@ pub fn resample(samples: &[f32], from_hz: u32, to_hz: u32) -> Result<Vec<f32>, A
     if from_hz == to_hz || samples.is_empty() {
         return Ok(samples.to_vec());
     }
-    let failed = |detail: String| AudioError::Resample { from_hz, to_hz, detail };
-    // An even number of the ratio's smallest blocks keeps the resampler's delay a whole number
-    // of output samples, so removing it leaves no fractional shift.
-    let smallest_block = (from_hz / gcd(from_hz, to_hz)) as usize;
-    let blocks = CHUNK_FRAMES.div_ceil(smallest_block).next_multiple_of(2);
-    let mut resampler =
-        FftFixedInOut::<f32>::new(from_hz as usize, to_hz as usize, blocks * smallest_block, 1)
-            .map_err(|error| failed(error.to_string()))?;
-    let wanted = (samples.len() as u128 * u128::from(to_hz)).div_ceil(u128::from(from_hz)) as usize;
-    let delay = resampler.output_delay();
-    let mut output = Vec::with_capacity(wanted + delay + resampler.output_frames_max());
-    let mut block = vec![vec![0f32; resampler.output_frames_max()]];
-    let mut position = 0;
-    while output.len() < wanted + delay {
-        let needed = resampler.input_frames_next();
-        let (_, produced) = if position + needed <= samples.len() {
-            let input = [&samples[position..position + needed]];
-            position += needed;
-            resampler.process_into_buffer(&input, &mut block, None)
-        } else {
-            // The tail, then zeros until the delayed output has caught up.
-            let tail = &samples[position.min(samples.len())..];
-            position = samples.len();
-            // rubato treats an empty channel as inactive: pass no input, which it fills with zeros.
-            let input = [tail];
-            let input = if tail.is_empty() { None } else { Some(&input[..]) };
-            resampler.process_partial_into_buffer(input, &mut block, None)
-        }
-        .map_err(|error| failed(error.to_string()))?;
-        output.extend_from_slice(&block[0][..produced]);
-    }
-    output.drain(..delay);
-    output.truncate(wanted);
+    let mut stream = StreamResampler::new(from_hz, to_hz)?;
+    let mut output = stream.push(samples)?;
+    output.extend(stream.finish()?);
     Ok(output)
+}
+
+/// [`resample`] over a stream that arrives in pieces: what it returns, piece by piece and then
+/// at [`StreamResampler::finish`], is exactly `resample` of all the pieces joined, so audio made
+/// in pieces has no seams. It holds back less than one FFT block (about 1,024 input samples) plus
+/// the resampler's delay until more input or the end comes.
+pub struct StreamResampler {
+    from_hz: u32,
+    to_hz: u32,
+    /// `None` when the rates are equal (samples pass through).
+    resampler: Option<FftFixedInOut<f32>>,
+    block: Vec<Vec<f32>>,
+    /// Input not yet a whole block.
+    pending: Vec<f32>,
+    pushed: u64,
+    /// Output samples still to drop at the start (the resampler's delay).
+    skip: usize,
+    emitted: u64,
+}
+
+impl StreamResampler {
+    pub fn new(from_hz: u32, to_hz: u32) -> Result<Self, AudioError> {
+        let failed = |detail: String| AudioError::Resample { from_hz, to_hz, detail };
+        if from_hz == 0 || to_hz == 0 {
+            return Err(failed("a sample rate of 0 Hz".into()));
+        }
+        let resampler = if from_hz == to_hz {
+            None
+        } else {
+            // An even number of the ratio's smallest blocks keeps the resampler's delay a whole
+            // number of output samples, so removing it leaves no fractional shift.
+            let smallest_block = (from_hz / gcd(from_hz, to_hz)) as usize;
+            let blocks = CHUNK_FRAMES.div_ceil(smallest_block).next_multiple_of(2);
+            Some(
+                FftFixedInOut::<f32>::new(from_hz as usize, to_hz as usize, blocks * smallest_block, 1)
+                    .map_err(|error| failed(error.to_string()))?,
+            )
+        };
+        let (skip, block) = resampler
+            .as_ref()
+            .map_or((0, Vec::new()), |r| (r.output_delay(), vec![vec![0f32; r.output_frames_max()]]));
+        Ok(StreamResampler {
+            from_hz,
+            to_hz,
+            resampler,
+            block,
+            pending: Vec::new(),
+            pushed: 0,
+            skip,
+            emitted: 0,
+        })
+    }
+
+    fn failed(&self, error: impl std::fmt::Display) -> AudioError {
+        AudioError::Resample { from_hz: self.from_hz, to_hz: self.to_hz, detail: error.to_string() }
+    }
+
+    /// Appends a block's output (less what is left of the delay) to `output`.
+    fn take(&mut self, produced: usize, output: &mut Vec<f32>) {
+        let skipped = self.skip.min(produced);
+        self.skip -= skipped;
+        output.extend_from_slice(&self.block[0][skipped..produced]);
+        self.emitted += (produced - skipped) as u64;
+    }
+
+    /// Takes more input; returns the output that is final.
+    pub fn push(&mut self, samples: &[f32]) -> Result<Vec<f32>, AudioError> {
+        self.pushed += samples.len() as u64;
+        if self.resampler.is_none() {
+            return Ok(samples.to_vec());
+        }
+        self.pending.extend_from_slice(samples);
+        let mut output = Vec::new();
+        let mut position = 0;
+        loop {
+            let resampler = self.resampler.as_mut().expect("checked above");
+            let needed = resampler.input_frames_next();
+            if self.pending.len() - position < needed {
+                break;
+            }
+            let input = [&self.pending[position..position + needed]];
+            let result = resampler.process_into_buffer(&input, &mut self.block, None);
+            let (_, produced) = result.map_err(|e| self.failed(e))?;
+            position += needed;
+            self.take(produced, &mut output);
+        }
+        self.pending.drain(..position);
+        Ok(output)
+    }
+
+    /// Ends the stream: the held-back samples, and the output's length made `len × to / from`
+    /// (rounded up) over everything pushed.
+    pub fn finish(mut self) -> Result<Vec<f32>, AudioError> {
+        let mut output = Vec::new();
+        if self.resampler.is_none() || self.pushed == 0 {
+            return Ok(output);
+        }
+        let wanted =
+            (u128::from(self.pushed) * u128::from(self.to_hz)).div_ceil(u128::from(self.from_hz)) as u64;
+        while self.emitted < wanted {
+            let tail = std::mem::take(&mut self.pending);
+            let input = [&tail[..]];
+            let input = if tail.is_empty() { None } else { Some(&input[..]) };
+            let resampler = self.resampler.as_mut().expect("checked above");
+            let (_, produced) = resampler
+                .process_partial_into_buffer(input, &mut self.block, None)
+                .map_err(|e| self.failed(e))?;
+            self.take(produced, &mut output);
+        }
+        let over = (self.emitted - wanted) as usize;
+        output.truncate(output.len().saturating_sub(over));
+        Ok(output)
+    }
 }
 
 fn gcd(mut a: u32, mut b: u32) -> u32 {
@@ -79,6 +162,29 @@ mod tests {
             let worst = (800..15_200).map(|i| (output[i] - expected[i]).abs()).fold(0f32, f32::max);
             assert!(worst < 2e-3, "{from} Hz: worst error {worst}");
         }
+    }
+
+    /// Pieces of any sizes give exactly what the whole gives, at every rate pair speech uses.
+    #[test]
+    fn a_stream_in_pieces_equals_the_whole() {
+        for (from, to) in [(22_050, 24_000), (16_000, 24_000), (44_100, 16_000), (24_000, 24_000)] {
+            let input = sine(from, 440.0, 1.3);
+            let whole = resample(&input, from, to).unwrap();
+            for sizes in [&[7usize, 1_000, 3, 5_000][..], &[1_024], &[20_000], &[1]] {
+                let mut stream = StreamResampler::new(from, to).unwrap();
+                let (mut out, mut at, mut turn) = (Vec::new(), 0, 0);
+                while at < input.len() {
+                    let n = sizes[turn % sizes.len()].min(input.len() - at);
+                    out.extend(stream.push(&input[at..at + n]).unwrap());
+                    at += n;
+                    turn += 1;
+                }
+                out.extend(stream.finish().unwrap());
+                assert_eq!(out, whole, "{from} → {to} Hz in pieces of {sizes:?}");
+            }
+        }
+        let stream = StreamResampler::new(22_050, 24_000).unwrap();
+        assert!(stream.finish().unwrap().is_empty());
     }
 
     #[test]

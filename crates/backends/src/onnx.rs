@@ -23,8 +23,15 @@ pub fn onnx_environment(library: &Path) -> Result<Environment, BackendError> {
         }
         let builder = ort::init_from(library)
             .map_err(|e| format!("could not load ONNX Runtime from {}: {e}", library.display()))?;
+        // A process-wide intra-op thread pool (ONNX Runtime's default size: the physical cores),
+        // spinning between operators. Piper voices run their two halves on it, so one half's
+        // idle threads never spin against the other's; ONNX encoders keep pools of their own.
+        let pool = ort::environment::GlobalThreadPoolOptions::default()
+            .with_spin_control(true)
+            .map_err(|e| format!("could not configure ONNX Runtime's thread pool: {e}"))?;
         let environment = builder
             .with_name("hearth")
+            .with_global_thread_pool(pool)
             .build()
             .map_err(|e| format!("could not start ONNX Runtime from {}: {e}", library.display()))?;
         Ok((library.to_path_buf(), environment))

@@ -45,7 +45,9 @@ impl EncoderSession {
         // No memory pattern: ONNX Runtime would plan (and keep) allocations for every input shape
         // it sees, and every batch here has its own length. Measured on MiniLM's int8 export at
         // 32 × 256 tokens: peak RSS 1,504 → 944 MiB, the same speed (benches/README.md).
+        // Its own thread pool (the process-wide one is the voices'), as measured in benches/.
         let builder = Session::builder(&environment).map_err(|e| onnx_error(dir, e))?;
+        let builder = builder.with_independent_thread_pool().map_err(|e| onnx_error(dir, e))?;
         let mut builder = builder.with_memory_pattern(false).map_err(|e| onnx_error(dir, e))?;
         let session = builder.commit_from_file(file).map_err(|e| onnx_error(dir, e))?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();

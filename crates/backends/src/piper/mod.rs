@@ -8,6 +8,7 @@
 
 #[cfg(feature = "espeak")]
 pub mod espeak;
+pub mod split;
 #[cfg(feature = "onnx")]
 mod voices;
 

@@ -36,10 +36,43 @@ pub struct PiperOptions {
 
 struct Voice {
     config: PiperConfig,
-    session: Session,
+    graph: Graph,
     model: PathBuf,
     modified: Option<SystemTime>,
+    /// The raw (unscaled) peak of the last sentence this voice made whole: part of the gain of a
+    /// sentence sent in pieces, whose own peak is not known when its first piece goes out.
+    recent_peak: f32,
 }
+
+/// How a voice's graph runs: whole, or cut before its vocoder ([`super::split`]) so a sentence
+/// can be made in pieces.
+enum Graph {
+    Whole(Session),
+    Halves(Halves),
+}
+
+struct Halves {
+    /// Text to latent frames (and a speaker embedding on multi-speaker voices).
+    encoder: Session,
+    /// Latent frames to audio.
+    decoder: Session,
+    /// The tensors crossing the cut, the latent first.
+    boundary: Vec<String>,
+    /// Audio samples per latent frame (256 for Piper's vocoder).
+    hop: usize,
+    /// Latent frames of context decoded on each side of a piece (one of
+    /// [`PIECE_CONTEXT_FRAMES`]).
+    context: usize,
+}
+
+/// Latent frames decoded on each side of a piece and thrown away, so the piece is the audio the
+/// whole sentence would give: the least of these that reproduces the whole graph when the voice
+/// loads (Piper's vocoder sees about 13 frames each way: its convolutions' reach).
+const PIECE_CONTEXT_FRAMES: [usize; 4] = [12, 16, 24, 48];
+/// The first piece of a sentence: about this much audio.
+const FIRST_PIECE_SECONDS: f32 = 0.3;
+/// Symbols in the sentence a voice's halves are checked on.
+const PROBE_SYMBOLS: usize = 48;
 
 pub struct PiperVoices {
     options: PiperOptions,
@@ -93,9 +126,12 @@ impl PiperVoices {
         Ok(voices)
     }
 
-    fn session(&self, model: &Path) -> Result<Session, BackendError> {
+    fn builder(&self, model: &Path) -> Result<ort::session::builder::SessionBuilder, BackendError> {
         let mut builder = Session::builder(&self.environment).map_err(|e| ort_error(model, e))?;
+        // ONNX Runtime's process-wide thread pool (`crate::onnx`), unless the model asks for a
+        // thread count of its own.
         if let Some(threads) = self.options.threads {
+            builder = builder.with_independent_thread_pool().map_err(|e| ort_error(model, e))?;
             builder = builder.with_intra_threads(threads).map_err(|e| ort_error(model, e))?;
         }
         match self.options.device {
@@ -113,8 +149,100 @@ impl PiperVoices {
         }
         // No memory pattern: every sentence is a new input shape, for which ONNX Runtime would plan
         // and keep allocations (joe-medium over 40 sentences: peak 276 → 239 MiB, the same speed).
-        let mut builder = builder.with_memory_pattern(false).map_err(|e| ort_error(model, e))?;
-        builder.commit_from_file(model).map_err(|e| ort_error(model, e))
+        builder.with_memory_pattern(false).map_err(|e| ort_error(model, e))
+    }
+
+    fn session(&self, model: &Path) -> Result<Session, BackendError> {
+        self.builder(model)?.commit_from_file(model).map_err(|e| ort_error(model, e))
+    }
+
+    /// The voice's graph cut before its vocoder, when it is a Piper graph and the halves give the
+    /// whole graph's audio on a probe sentence (noise off), whole and in pieces; the whole graph
+    /// otherwise.
+    fn halves(&self, model: &Path, mut whole: Session, config: &PiperConfig) -> Result<Graph, BackendError> {
+        // A probe of the voice's first 48 symbols: a sentence of a hundred or so latent frames
+        // (longer would grow ONNX Runtime's arena, which keeps its peak, for nothing).
+        let mut ids: Vec<i64> = config.phoneme_id_map.values().flatten().copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(PROBE_SYMBOLS);
+        let speaker = (config.num_speakers > 1).then_some(0);
+        let scales = [0.0, 1.0, 0.0];
+        let reference = match run_whole(&mut whole, &ids, scales, speaker) {
+            Ok(reference) => reference,
+            Err(error) => {
+                tracing::warn!(model = %model.display(), %error, "the voice failed on a probe sentence; it runs whole");
+                return Ok(Graph::Whole(whole));
+            }
+        };
+        // The weights are held once: the whole graph goes before its halves are made.
+        drop(whole);
+        let attempt = || -> Result<Option<Halves>, BoxError> {
+            let split = match super::split::split_vits(&std::fs::read(model)?)? {
+                Some(split) => split,
+                None => return Ok(None),
+            };
+            // The halves run one after the other on the process-wide thread pool. With pools of
+            // their own (a model's `threads`), the text half (thousands of small operators) does
+            // not spin after its run, so its idle threads leave the cores to the vocoder's (both
+            // spinning: 1.6× slower on 2 cores).
+            let own_pools = self.options.threads.is_some();
+            let half = |bytes: Vec<u8>, spin: bool| -> Result<Session, BackendError> {
+                let mut builder = self.builder(model)?;
+                if own_pools {
+                    builder = builder.with_intra_op_spinning(spin).map_err(|e| ort_error(model, e))?;
+                }
+                builder.commit_from_memory(&bytes).map_err(|e| ort_error(model, e))
+            };
+            let mut halves = Halves {
+                encoder: half(split.encoder, false)?,
+                decoder: half(split.decoder, true)?,
+                boundary: split.boundary,
+                hop: 0,
+                context: 0,
+            };
+            let latent = halves.encode(&ids, scales, speaker)?;
+            let frames = latent.frames();
+            let decoded = halves.decode(&latent, 0, frames)?;
+            if frames == 0 || decoded.len() % frames != 0 {
+                return Ok(None);
+            }
+            halves.hop = decoded.len() / frames;
+            let peak = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let worst = |got: &[f32]| {
+                if got.len() != reference.len() {
+                    return f32::INFINITY;
+                }
+                got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / peak
+            };
+            let whole_error = worst(&decoded);
+            if whole_error > 1e-4 {
+                tracing::warn!(model = %model.display(), whole_error, "the voice's halves do not reproduce it; it runs whole");
+                return Ok(None);
+            }
+            // The least context that makes a seam exact (the vocoder's reach), among a few.
+            let first = frames / 3;
+            for context in PIECE_CONTEXT_FRAMES {
+                halves.context = context;
+                let mut pieces = halves.piece(&latent, 0, first)?;
+                pieces.extend(halves.piece(&latent, first, frames)?);
+                let pieces_error = worst(&pieces);
+                if pieces_error <= 1e-4 {
+                    tracing::debug!(model = %model.display(), frames, context, whole_error, pieces_error, "vocoder split checked");
+                    return Ok(Some(halves));
+                }
+            }
+            tracing::warn!(model = %model.display(), "the voice's vocoder reaches further than 48 frames; it runs whole");
+            Ok(None)
+        };
+        match attempt() {
+            Ok(Some(halves)) => return Ok(Graph::Halves(halves)),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(model = %model.display(), %error, "could not cut the voice's graph; it runs whole")
+            }
+        }
+        Ok(Graph::Whole(self.session(model)?))
     }
 
     fn load_voice(&self, model: &Path) -> Result<Voice, BackendError> {
@@ -130,7 +258,12 @@ impl PiperVoices {
         config.espeak_voice().map_err(|e| ort_error(model, e))?;
         let session = self.session(model)?;
         check_inputs(model, &session, config.num_speakers > 1)?;
-        Ok(Voice { config, session, model: model.to_path_buf(), modified: modified(model) })
+        // On the CPU a sentence's first piece is sent before the rest is made.
+        let graph = match self.options.device {
+            Device::Cuda(_) => Graph::Whole(session),
+            _ => self.halves(model, session, &config)?,
+        };
+        Ok(Voice { config, graph, model: model.to_path_buf(), modified: modified(model), recent_peak: 0.0 })
     }
 
     /// Finds voices: new or changed files are (re)loaded, vanished ones dropped. `strict`: a
@@ -239,12 +372,63 @@ impl SpeechSynthesizer for PiperVoices {
     fn render(&mut self, voice: &str, symbols: &[i64], speed: f32) -> Result<Vec<f32>, BoxError> {
         let (found, speaker) = self.find(voice)?;
         let scales = found.config.inference;
-        render(
-            &mut found.session,
-            symbols,
-            [scales.noise_scale, scales.length_scale / speed, scales.noise_w],
-            speaker,
-        )
+        let scales = [scales.noise_scale, scales.length_scale / speed, scales.noise_w];
+        let raw = match &mut found.graph {
+            Graph::Whole(session) => run_whole(session, symbols, scales, speaker)?,
+            Graph::Halves(halves) => {
+                let latent = halves.encode(symbols, scales, speaker)?;
+                halves.decode(&latent, 0, latent.frames())?
+            }
+        };
+        let peak = peak(&raw)?;
+        found.recent_peak = peak;
+        Ok(scaled(&raw, peak))
+    }
+
+    /// On a voice cut before its vocoder: the first [`FIRST_PIECE_SECONDS`] of audio, then the
+    /// rest. Piper scales each sentence to full range by its peak, which is not known when the
+    /// first piece goes out; a sentence in pieces is scaled by the larger of its first piece's
+    /// peak and the voice's last sentence's, and clipped where it goes above that.
+    fn render_pieces(
+        &mut self,
+        voice: &str,
+        symbols: &[i64],
+        speed: f32,
+        piece: &mut dyn FnMut(Vec<f32>) -> bool,
+    ) -> Result<(), BoxError> {
+        if !matches!(self.find(voice)?.0.graph, Graph::Halves(_)) {
+            let samples = self.render(voice, symbols, speed)?;
+            piece(samples);
+            return Ok(());
+        }
+        let (found, speaker) = self.find(voice)?;
+        let rate = found.config.audio.sample_rate as f32;
+        let Graph::Halves(halves) = &mut found.graph else {
+            return Err("the voice's graph is not cut".into());
+        };
+        let scales = found.config.inference;
+        let scales = [scales.noise_scale, scales.length_scale / speed, scales.noise_w];
+        let latent = halves.encode(symbols, scales, speaker)?;
+        let frames = latent.frames();
+        let first = ((FIRST_PIECE_SECONDS * rate / halves.hop as f32).ceil() as usize).max(1);
+        if frames <= first + halves.context {
+            let raw = halves.decode(&latent, 0, frames)?;
+            let peak = peak(&raw)?;
+            found.recent_peak = peak;
+            piece(scaled(&raw, peak));
+            return Ok(());
+        }
+        let head = halves.piece(&latent, 0, first)?;
+        let head_peak = peak(&head)?;
+        let gain_peak = head_peak.max(found.recent_peak);
+        if !piece(scaled(&head, gain_peak)) {
+            return Ok(());
+        }
+        let rest = halves.piece(&latent, first, frames)?;
+        let rest_peak = peak(&rest)?;
+        found.recent_peak = head_peak.max(rest_peak);
+        piece(scaled(&rest, gain_peak));
+        Ok(())
     }
 
     fn rescan(&mut self) -> Result<(), BoxError> {
@@ -275,14 +459,12 @@ fn check_inputs(model: &Path, session: &Session, multi_speaker: bool) -> Result<
     }
 }
 
-/// Runs a Piper model on one sentence's ids with `scales` (noise, length, noise width) and scales
-/// the result to full range, as Piper does.
-pub fn render(
-    session: &mut Session,
+/// A Piper graph's inputs for one sentence.
+fn piper_inputs(
     ids: &[i64],
     scales: [f32; 3],
     speaker: Option<i64>,
-) -> Result<Vec<f32>, BoxError> {
+) -> Result<Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'static>)>, BoxError> {
     let mut inputs = ort::inputs![
         "input" => Tensor::from_array(([1usize, ids.len()], ids.to_vec()))?,
         "input_lengths" => Tensor::from_array(([1usize], vec![ids.len() as i64]))?,
@@ -291,14 +473,97 @@ pub fn render(
     if let Some(speaker) = speaker {
         inputs.push(("sid".into(), Tensor::from_array(([1usize], vec![speaker]))?.into()));
     }
-    let outputs = session.run(inputs)?;
+    Ok(inputs)
+}
+
+/// The whole graph's audio for one sentence, unscaled.
+fn run_whole(
+    session: &mut Session,
+    ids: &[i64],
+    scales: [f32; 3],
+    speaker: Option<i64>,
+) -> Result<Vec<f32>, BoxError> {
+    let outputs = session.run(piper_inputs(ids, scales, speaker)?)?;
     let (_, audio) = outputs[0].try_extract_tensor::<f32>()?;
+    Ok(audio.to_vec())
+}
+
+/// The largest magnitude; an error for non-finite samples.
+fn peak(audio: &[f32]) -> Result<f32, BoxError> {
     let peak = audio.iter().fold(0f32, |m, s| m.max(s.abs()));
     if !peak.is_finite() {
         return Err("the voice model produced non-finite samples".into());
     }
+    Ok(peak)
+}
+
+/// `audio / peak`, clipped to [-1, 1] (silence stays silence).
+fn scaled(audio: &[f32], peak: f32) -> Vec<f32> {
     if peak < 1e-8 {
-        return Ok(vec![0.0; audio.len()]);
+        return vec![0.0; audio.len()];
     }
-    Ok(audio.iter().map(|s| (s / peak).clamp(-1.0, 1.0)).collect())
+    audio.iter().map(|s| (s / peak).clamp(-1.0, 1.0)).collect()
+}
+
+/// What crosses a voice's cut for one sentence: the latent `[1, channels, frames]` and the other
+/// boundary tensors (a speaker embedding), as the first half gave them.
+struct Latent {
+    tensors: Vec<(Vec<usize>, Vec<f32>)>,
+}
+
+impl Latent {
+    fn frames(&self) -> usize {
+        self.tensors[0].0.last().copied().unwrap_or(0)
+    }
+}
+
+impl Halves {
+    fn encode(&mut self, ids: &[i64], scales: [f32; 3], speaker: Option<i64>) -> Result<Latent, BoxError> {
+        let outputs = self.encoder.run(piper_inputs(ids, scales, speaker)?)?;
+        let tensors = self
+            .boundary
+            .iter()
+            .map(|name| {
+                let value =
+                    outputs.get(name).ok_or_else(|| format!("the encoder half has no output `{name}`"))?;
+                let (shape, data) = value.try_extract_tensor::<f32>()?;
+                let shape: Vec<usize> = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+                Ok((shape, data.to_vec()))
+            })
+            .collect::<Result<Vec<_>, BoxError>>()?;
+        if tensors[0].0.len() != 3 || tensors[0].0[0] != 1 {
+            return Err(format!("the latent has shape {:?}, not [1, channels, frames]", tensors[0].0).into());
+        }
+        Ok(Latent { tensors })
+    }
+
+    /// The vocoder on latent frames `from..to`, unscaled.
+    fn decode(&mut self, latent: &Latent, from: usize, to: usize) -> Result<Vec<f32>, BoxError> {
+        let (shape, data) = &latent.tensors[0];
+        let (channels, frames) = (shape[1], shape[2]);
+        let window: Vec<f32> =
+            (0..channels).flat_map(|c| data[c * frames + from..c * frames + to].iter().copied()).collect();
+        let mut inputs: Vec<(std::borrow::Cow<'static, str>, ort::session::SessionInputValue<'static>)> =
+            vec![(
+                self.boundary[0].clone().into(),
+                Tensor::from_array(([1usize, channels, to - from], window))?.into(),
+            )];
+        for (name, (shape, data)) in self.boundary.iter().zip(&latent.tensors).skip(1) {
+            inputs.push((name.clone().into(), Tensor::from_array((shape.clone(), data.clone()))?.into()));
+        }
+        let outputs = self.decoder.run(inputs)?;
+        let (_, audio) = outputs[0].try_extract_tensor::<f32>()?;
+        Ok(audio.to_vec())
+    }
+
+    /// The audio of latent frames `from..to`, decoded with `context` frames on each side (where
+    /// there are frames) and trimmed back to its own.
+    fn piece(&mut self, latent: &Latent, from: usize, to: usize) -> Result<Vec<f32>, BoxError> {
+        let frames = latent.frames();
+        let (lo, hi) = (from.saturating_sub(self.context), (to + self.context).min(frames));
+        let audio = self.decode(latent, lo, hi)?;
+        let hop = if self.hop > 0 { self.hop } else { audio.len() / (hi - lo).max(1) };
+        let start = (from - lo) * hop;
+        Ok(audio[start.min(audio.len())..(start + (to - from) * hop).min(audio.len())].to_vec())
+    }
 }

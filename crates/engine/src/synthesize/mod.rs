@@ -1,7 +1,8 @@
 //! Text to speech: the `SpeechSynthesizer` capability a voice backend implements (Piper voices
 //! in `hearth-backends`), and the service that runs one on its own thread ([`service`]). Text is
 //! split into sentences by the model (a phonemizer knows where clauses end); each sentence's audio
-//! goes to the client as soon as it exists, so a streamed response starts after one sentence.
+//! goes to the client as soon as it exists, and the first sentence's in pieces where the model can
+//! make it so, so a streamed response starts before even one sentence is whole.
 
 pub mod service;
 
@@ -32,6 +33,21 @@ pub trait SpeechSynthesizer: Send {
     /// One sentence's audio, mono samples in [-1, 1] at the voice's rate; `speed` above 1
     /// speaks faster.
     fn render(&mut self, voice: &str, symbols: &[i64], speed: f32) -> Result<Vec<f32>, BoxError>;
+    /// The same sentence in pieces, each handed to `piece` as soon as it exists, so the first
+    /// can be sent before the rest is made (the service uses it for a request's first
+    /// sentence); `piece` returns `false` to stop. The default renders the whole sentence as one
+    /// piece.
+    fn render_pieces(
+        &mut self,
+        voice: &str,
+        symbols: &[i64],
+        speed: f32,
+        piece: &mut dyn FnMut(Vec<f32>) -> bool,
+    ) -> Result<(), BoxError> {
+        let samples = self.render(voice, symbols, speed)?;
+        piece(samples);
+        Ok(())
+    }
     /// Looks for voices again (a voices folder where voices are dropped in); the default has
     /// nothing to look at.
     fn rescan(&mut self) -> Result<(), BoxError> {

@@ -33,7 +33,8 @@ pub struct SpeechRequest {
     pub priority: Priority,
 }
 
-/// One sentence's audio.
+/// Audio as it is made: one sentence, or a piece of the first (consecutive chunks join without a
+/// seam).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpeechChunk {
     pub samples: Vec<f32>,
@@ -252,14 +253,31 @@ fn speak<M: SpeechSynthesizer>(
     }
     let labels = [("model", model_id.to_string())];
     let mut samples_out = 0usize;
-    for symbols in &sentences {
+    for (index, symbols) in sentences.iter().enumerate() {
         if chunks.is_closed() || life.past_deadline() {
             return; // the client left, or shutdown's deadline passed
         }
-        match guarded(&mut || model.render(&request.voice, symbols, request.speed)) {
-            Ok(samples) => {
-                samples_out += samples.len();
-                if chunks.send(Ok(SpeechChunk { samples, sample_rate_hz: rate })).is_err() {
+        // The first sentence in pieces (its first piece is the request's first audio); the others
+        // whole, while the client is still playing what came before.
+        let mut send = |samples: Vec<f32>| {
+            samples_out += samples.len();
+            chunks.send(Ok(SpeechChunk { samples, sample_rate_hz: rate })).is_ok()
+        };
+        let rendered = if index == 0 {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model.render_pieces(&request.voice, symbols, request.speed, &mut send)
+            })) {
+                Ok(result) => result,
+                Err(panic) => Err(panic_message(&panic).into()),
+            }
+        } else {
+            guarded(&mut || model.render(&request.voice, symbols, request.speed)).map(|samples| {
+                send(samples);
+            })
+        };
+        match rendered {
+            Ok(()) => {
+                if chunks.is_closed() {
                     return;
                 }
             }
@@ -333,7 +351,8 @@ mod tests {
     use super::*;
 
     /// A mock voice model (named so): each "sentence" is a word, rendered as that many samples
-    /// per character, scaled by speed; `rescan` adds a second voice.
+    /// per character, scaled by speed, and in pieces as its first 3 samples then the rest;
+    /// `rescan` adds a second voice.
     struct MockVoices {
         voices: Vec<VoiceInfo>,
     }
@@ -354,6 +373,20 @@ mod tests {
         }
         fn render(&mut self, _voice: &str, symbols: &[i64], speed: f32) -> Result<Vec<f32>, BoxError> {
             Ok(vec![0.5; (symbols[0] as f32 * 10.0 / speed) as usize])
+        }
+        fn render_pieces(
+            &mut self,
+            voice: &str,
+            symbols: &[i64],
+            speed: f32,
+            piece: &mut dyn FnMut(Vec<f32>) -> bool,
+        ) -> Result<(), BoxError> {
+            let mut samples = self.render(voice, symbols, speed)?;
+            let rest = samples.split_off(3.min(samples.len()));
+            if piece(samples) {
+                piece(rest);
+            }
+            Ok(())
         }
         fn rescan(&mut self) -> Result<(), BoxError> {
             self.voices.push(voice("second"));
@@ -387,9 +420,13 @@ mod tests {
         while let Some(chunk) = stream.chunks.recv().await {
             lengths.push(chunk.unwrap().samples.len());
         }
-        assert_eq!(lengths, [10, 20, 30]);
-        let fast = synth.speak(request("bb", 2.0)).await.unwrap().chunks.recv().await.unwrap().unwrap();
-        assert_eq!(fast.samples.len(), 10);
+        assert_eq!(lengths, [3, 7, 20, 30], "the first sentence in pieces, the others whole");
+        let mut fast = synth.speak(request("bb", 2.0)).await.unwrap();
+        let mut samples = 0;
+        while let Some(chunk) = fast.chunks.recv().await {
+            samples += chunk.unwrap().samples.len();
+        }
+        assert_eq!(samples, 10);
     }
 
     #[tokio::test]
