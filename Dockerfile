@@ -13,8 +13,8 @@
 # OpenTelemetry trace export: add `otlp` to FEATURES (e.g. `FEATURES="tts otlp"`, `"cuda tts otlp"`).
 # Run:  docker run -p 8080:8080 -v hearth-models:/var/lib/hearth/models -e HEARTH_API_KEY=... hearth:cpu
 # Linted with hadolint in CI (scripts/check-deploy; .hadolint.yaml says what is ignored and why).
-# Models are read from (and downloaded to) /var/lib/hearth/models; the config is
-# /etc/hearth/hearth.toml (mount your own over it).
+# Models are read from (and downloaded to) /var/lib/hearth/models; RAG's files and vector stores
+# live in /var/lib/hearth/data; the config is /etc/hearth/hearth.toml (mount your own over it).
 
 ARG BUILD_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -32,11 +32,14 @@ ARG GGML_FMA=ON
 ARG GGML_F16C=ON
 ENV GGML_NATIVE=${GGML_NATIVE} GGML_AVX=${GGML_AVX} GGML_AVX2=${GGML_AVX2} GGML_FMA=${GGML_FMA} \
     GGML_F16C=${GGML_F16C}
+# Cargo's home where the official rust images keep it (and where rustup installs it otherwise), so
+# the registry cache below is the one cargo uses.
+ENV CARGO_HOME=/usr/local/cargo RUSTUP_HOME=/usr/local/rustup
+ENV PATH=/usr/local/cargo/bin:${PATH}
 RUN if ! command -v cargo >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends curl ca-certificates build-essential \
       && curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0; \
     fi
-ENV PATH=/root/.cargo/bin:${PATH}
 # libopus for Opus audio (ogg and webm uploads and speech), found through pkg-config; espeak-ng for
 # text to speech's phonemes and libavcodec for its AAC output (bindings generated with libclang);
 # pip for ONNX Runtime's wheel (scripts/fetch-models); cmake for whisper.cpp.
@@ -47,7 +50,7 @@ WORKDIR /src
 COPY . .
 # With `cuda` in FEATURES, scripts/build-cuda fetches the toolchain and builds (the other features
 # go along); its CUDA runtime libraries are kept for the image.
-RUN --mount=type=cache,target=/root/.cargo/registry \
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     mkdir -p /out/cuda-lib \
     && case " ${FEATURES} " in \
@@ -68,7 +71,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
        libavcodec59 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/hearth hearth \
-    && install -d -o hearth -g hearth /var/lib/hearth/models
+    && install -d -o hearth -g hearth /var/lib/hearth/models /var/lib/hearth/data
 COPY --from=build /out/hearth /usr/local/bin/hearth
 COPY --from=build /out/cuda-lib/ /usr/local/lib/hearth-cuda/
 COPY --from=build /out/lib/ /usr/local/lib/hearth/
@@ -77,11 +80,12 @@ ENV LD_LIBRARY_PATH=/usr/local/lib/hearth-cuda \
     HEARTH_HOST=0.0.0.0 \
     HEARTH_PORT=8080 \
     HEARTH_MODELS_DIR=/var/lib/hearth/models \
+    HEARTH_DATA_DIR=/var/lib/hearth/data \
     ORT_DYLIB_PATH=/usr/local/lib/hearth/libonnxruntime.so.1.31.1 \
     HEARTH_CONFIG=/etc/hearth/hearth.toml
 USER 10001:10001
 EXPOSE 8080
-VOLUME ["/var/lib/hearth/models"]
+VOLUME ["/var/lib/hearth/models", "/var/lib/hearth/data"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/hearth"]
 CMD ["serve"]
